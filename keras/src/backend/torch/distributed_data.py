@@ -1,0 +1,131 @@
+"""Where input batches are sharded over the batch axis.
+
+Keras's training loops hand every rank the same global batch (every rank
+iterates the same arrays, `PyDataset` or `DataLoader`). Each rank keeps its
+slice of the batch axis, with `torch.chunk`'s split (so a final batch that
+does not divide by the number of ranks gives some ranks one row fewer), and
+the batch becomes a DTensor of the global shape. No data moves between
+ranks.
+
+When the data is already per rank (`auto_shard_dataset=False`), each rank's
+rows are assembled into the global batch instead (`from_process_local`).
+"""
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import Shard
+from torch.distributed.tensor import distribute_tensor
+
+from keras.src import tree
+from keras.src.backend.common import global_state
+
+
+def _active_distribution():
+    distribution = global_state.get_global_attribute("distribution")
+    if distribution is None or distribution.device_mesh.devices.size == 1:
+        return None
+    return distribution
+
+
+def _is_batch_leaf(x):
+    return isinstance(x, (torch.Tensor, np.ndarray)) and len(x.shape) > 0
+
+
+def shard_batch(data):
+    """Turn a batch (any nest of arrays) into DTensors sharded on axis 0.
+
+    Args:
+        data: The batch `Trainer` steps receive, e.g. `(x, y, sample_weight)`.
+
+    Returns:
+        The same structure with each array a DTensor when a distribution with
+        more than one device is set; `data` unchanged otherwise.
+    """
+    distribution = _active_distribution()
+    if distribution is None:
+        return data
+    from keras.src.backend.torch import core
+
+    per_process = not distribution.auto_shard_dataset
+
+    def shard(x):
+        if isinstance(x, DTensor) or not _is_batch_leaf(x):
+            return x
+        x = core.convert_to_tensor(x)
+        layout = distribution.get_data_layout(tuple(x.shape)).backend_layout
+        if per_process:
+            return from_process_local(x, layout, distribution.batch_dim_name)
+        from keras.src.backend.torch import distribution_lib
+
+        return distribution_lib.distribute_tensor(x, layout)
+
+    return tree.map_structure(shard, data)
+
+
+def chunk_sizes(size, parts):
+    """Row counts `torch.chunk` gives each of `parts` shards of `size` rows."""
+    step = -(-size // parts) if size else 0
+    return [max(0, min(step, size - i * step)) for i in range(parts)]
+
+
+def from_process_local(local, layout, batch_dim_name):
+    """Assemble the global batch from each rank's rows; see module doc.
+
+    Args:
+        local: This rank's rows, a `torch.Tensor`.
+        layout: The `DTensorLayout` of the global batch.
+        batch_dim_name: The mesh axis that shards the batch.
+
+    Returns:
+        A DTensor of the global batch.
+    """
+    mesh = layout.device_mesh
+    names = list(mesh.mesh_dim_names)
+    if batch_dim_name not in names:
+        raise ValueError(
+            f"Unknown batch axis {batch_dim_name!r}: the mesh's axes are "
+            f"{names}."
+        )
+    batch_axis = names.index(batch_dim_name)
+    group = mesh.get_group(batch_axis)
+    parts = mesh.size(batch_axis)
+    local = torch.as_tensor(local)
+    count = torch.tensor([local.shape[0]], device=local.device)
+    counts = [torch.zeros_like(count) for _ in range(parts)]
+    dist.all_gather(counts, count, group=group)
+    counts = [int(c.item()) for c in counts]
+    total = sum(counts)
+    if counts == chunk_sizes(total, parts):
+        placements = list(layout.placements)
+        placements[batch_axis] = Shard(0)
+        shape = (total, *local.shape[1:])
+        return DTensor.from_local(
+            local,
+            mesh,
+            placements,
+            run_check=False,
+            shape=torch.Size(shape),
+            stride=_contiguous_stride(shape),
+        )
+    # Sizes that do not follow DTensor's split: gather every row, then keep
+    # this rank's slice of the global batch.
+    padded = torch.zeros(
+        (max(counts), *local.shape[1:]), dtype=local.dtype, device=local.device
+    )
+    padded[: local.shape[0]] = local
+    pieces = [torch.empty_like(padded) for _ in range(parts)]
+    dist.all_gather(pieces, padded, group=group)
+    full = torch.cat([p[:n] for p, n in zip(pieces, counts)])
+    return distribute_tensor(
+        full, mesh, layout.placements, src_data_rank=None
+    )
+
+
+def _contiguous_stride(shape):
+    stride, running = [], 1
+    for size in reversed(shape):
+        stride.append(running)
+        running *= max(size, 1)
+    return tuple(reversed(stride))

@@ -1,0 +1,91 @@
+"""Where a Keras variable's value becomes a DTensor.
+
+Under a distribution whose mesh has more than one device, every variable is
+a DTensor with the layout the distribution gives it (`LayoutMap` entry, or
+replicated). Each rank holds only its shard. Rank 0's initial value is the
+one kept, so replicated variables are identical on every rank.
+"""
+
+import math
+
+import torch
+
+from keras.src.backend.common import global_state
+from keras.src.backend.torch import dtensor_utils
+
+
+def _variable_layout(variable):
+    """Return the variable's `TensorLayout`, or None if not distributed."""
+    if variable._layout is None:
+        distribution = global_state.get_global_attribute("distribution")
+        if distribution is None:
+            return None
+        variable._layout = distribution.get_variable_layout(variable)
+    layout = variable._layout
+    device_mesh = getattr(layout, "device_mesh", None)
+    if device_mesh is None or math.prod(device_mesh.shape) == 1:
+        # A mesh of one device needs no DTensor: same as no distribution.
+        return None
+    return layout
+
+
+def new_parameter(variable, value, device):
+    """Return the `torch.nn.Parameter` holding a new variable's value.
+
+    Only floating point and complex variables that are trainable require
+    gradients: integer variables (the optimizer's `iterations`, seeds,
+    counters) cannot, and are plain non-trainable parameters.
+
+    Args:
+        variable: The Keras `Variable` being initialized.
+        value: Its full initial value, a `torch.Tensor` of its dtype.
+        device: The torch device the value belongs on.
+
+    Returns:
+        A `torch.nn.Parameter`, wrapping a DTensor when distributed.
+    """
+    value = value.to(device)
+    # The distribution reads the shape to choose a layout; for a variable
+    # created from a value it is not set yet.
+    variable._shape = variable._validate_shape(value.shape)
+    layout = _variable_layout(variable)
+    if layout is not None:
+        from keras.src.backend.torch import distribution_lib
+
+        value = distribution_lib._distribute_variable(
+            value, layout, f"variable '{variable.path}'"
+        )
+    requires_grad = bool(variable.trainable) and (
+        value.is_floating_point() or value.is_complex()
+    )
+    return torch.nn.Parameter(value, requires_grad=requires_grad)
+
+
+def value_to_assign(current, value):
+    """Return `value` in the layout of a variable's `current` value.
+
+    A DTensor of another layout is redistributed (a `Partial` one is reduced
+    once). A plain tensor assigned to a DTensor variable is taken from rank
+    0, so every rank stores the same value. A DTensor assigned to a plain
+    variable is gathered.
+
+    Args:
+        current: The variable's current value (tensor or DTensor).
+        value: The value to assign.
+
+    Returns:
+        A tensor that `current.copy_()` accepts.
+    """
+    if not dtensor_utils.is_dtensor(current):
+        return dtensor_utils.to_global(value)
+    mesh, placements = current.device_mesh, tuple(current.placements)
+    if dtensor_utils.is_dtensor(value):
+        if value.device_mesh == mesh and tuple(value.placements) == placements:
+            return value
+        return value.redistribute(mesh, placements)
+    from torch.distributed.tensor import distribute_tensor
+
+    value = torch.as_tensor(value, device=current.device)
+    if tuple(value.shape) != tuple(current.shape):
+        value = value.expand(current.shape)
+    return distribute_tensor(value.detach().clone(), mesh, placements)

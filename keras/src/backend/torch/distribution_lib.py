@@ -1,0 +1,428 @@
+"""Keras distribution API for the PyTorch backend.
+
+Every process (rank) runs the same program, as with JAX's SPMD model:
+
+- a `keras.distribution.DeviceMesh` becomes a `torch.distributed.DeviceMesh`
+  of the same shape and axis names, one device per rank;
+- a `keras.distribution.TensorLayout` becomes DTensor placements: `Shard(dim)`
+  on the mesh axes a tensor dimension names, `Replicate()` on the others;
+- variables and input batches become DTensors with those placements.
+
+Where the pieces live:
+
+- `distribution_lib` (this module): devices, processes, meshes, layouts and
+  the conversion of a tensor into a DTensor.
+- `process_group`: forming and tearing down the `torch.distributed` world.
+- `distributed_variable`: how a Keras variable holds and assigns a DTensor.
+- `distributed_data`: how a global batch is sharded over the batch axis.
+- `dtensor_promotion`: how plain tensors meet DTensors in an op.
+- `distributed_gradients`: how gradients are reduced before the optimizer.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh as TorchDeviceMesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor import Shard
+from torch.distributed.tensor import distribute_tensor as _torch_distribute
+
+from keras.src.backend.torch import process_group
+
+# Meshes built so far, keyed by their configuration (device type, shape,
+# axis names, ranks). Never keyed by `id()`: two equal keras meshes must map
+# to the same torch mesh on every rank, or ranks create process groups in
+# different orders and desynchronize.
+_MESH_CACHE = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class DTensorLayout:
+    """The torch form of a `TensorLayout`: a mesh and DTensor placements.
+
+    Attributes:
+        device_mesh: The `torch.distributed.DeviceMesh`.
+        placements: A tuple with one `Shard(dim)` or `Replicate()` per mesh
+            axis.
+    """
+
+    device_mesh: TorchDeviceMesh
+    placements: tuple
+
+    @property
+    def is_fully_replicated(self):
+        return all(p.is_replicate() for p in self.placements)
+
+
+def _default_device_type():
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def _normalize_device_type(device_type):
+    if device_type is None:
+        return _default_device_type()
+    device_type = device_type.lower()
+    if device_type == "cuda":
+        return "gpu"
+    if device_type not in ("cpu", "gpu"):
+        raise ValueError(
+            "The torch backend distributes over `'cpu'` or `'gpu'` devices. "
+            f"Received: device_type={device_type!r}"
+        )
+    return device_type
+
+
+def list_devices(device_type=None):
+    """Return all the available devices based on the device type.
+
+    Under `torchrun` (or after `initialize()`), the devices are global: one
+    per process, `"{device_type}:{rank}"` for every rank of the world. In a
+    single process they are the local devices of that type: `["cpu:0"]`, or
+    `"gpu:i"` for each visible CUDA device.
+
+    Args:
+        device_type: `"cpu"` or `"gpu"`. Defaults to `"gpu"` when CUDA is
+            available, else `"cpu"`.
+
+    Returns:
+        List of device names, e.g. `["cpu:0", "cpu:1"]`.
+    """
+    device_type = _normalize_device_type(device_type)
+    process_group.maybe_initialize_from_environment()
+    if process_group.is_multi_process():
+        return [f"{device_type}:{i}" for i in range(dist.get_world_size())]
+    if device_type == "gpu":
+        return [f"gpu:{i}" for i in range(torch.cuda.device_count())]
+    return ["cpu:0"]
+
+
+def get_device_count(device_type=None):
+    """Return the number of devices `list_devices(device_type)` returns.
+
+    Args:
+        device_type: `"cpu"` or `"gpu"`. Defaults to `"gpu"` when CUDA is
+            available, else `"cpu"`.
+
+    Returns:
+        int, the number of devices.
+    """
+    return len(list_devices(device_type))
+
+
+def initialize(job_addresses=None, num_processes=None, process_id=None):
+    """Form the `torch.distributed` world for this process.
+
+    Under `torchrun` no argument is needed: the launcher's environment
+    (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`) is used, and
+    `keras.distribution` calls this on first use. Otherwise pass the
+    coordinator address (or all job addresses, comma separated; the first
+    one is the coordinator), the number of processes and this process's id.
+    Uses NCCL when CUDA is available and gloo on CPU. Calling it again in a
+    formed world with the same arguments does nothing.
+
+    Args:
+        job_addresses: string, `"host:port"` of the coordinator, or every
+            job's address separated by commas.
+        num_processes: int, the number of processes in the world.
+        process_id: int, the rank of this process, in
+            `[0, num_processes)`.
+    """
+    process_group.initialize(job_addresses, num_processes, process_id)
+
+
+def num_processes():
+    """Return the number of processes in the world (1 when not launched)."""
+    process_group.maybe_initialize_from_environment()
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def process_id():
+    """Return the rank of this process (0 when not launched)."""
+    process_group.maybe_initialize_from_environment()
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+def _parse_device(device_name):
+    """Split `"gpu:3"` (or a `torch.device`) into `("gpu", 3)`."""
+    if isinstance(device_name, torch.device):
+        device_type = "gpu" if device_name.type == "cuda" else device_name.type
+        return device_type, device_name.index or 0
+    device_name = str(device_name).lower()
+    device_type, _, index = device_name.partition(":")
+    if device_type == "cuda":
+        device_type = "gpu"
+    if device_type not in ("cpu", "gpu") or not (index or "0").isdigit():
+        raise ValueError(
+            "Expected a device name like 'cpu:0' or 'gpu:1'. "
+            f"Received: device_name={device_name!r}"
+        )
+    return device_type, int(index or 0)
+
+
+def _to_backend_device(device_name):
+    """Return the local `torch.device` for a keras device name.
+
+    In a multi-process world, `"gpu:i"` names the GPU of rank `i`; ranks are
+    laid out host by host, so its local index is `i % local_gpu_count`.
+    """
+    device_type, index = _parse_device(device_name)
+    if device_type == "cpu":
+        return torch.device("cpu")
+    local_count = max(torch.cuda.device_count(), 1)
+    return torch.device("cuda", index % local_count)
+
+
+def _mesh_ranks(device_mesh):
+    """Return the device type and the rank grid of a keras `DeviceMesh`."""
+    parsed = [_parse_device(d) for d in np.ravel(device_mesh.devices)]
+    device_types = sorted({device_type for device_type, _ in parsed})
+    if len(device_types) != 1:
+        raise ValueError(
+            "All devices of a DeviceMesh must be of one type. Received "
+            f"device types {device_types} in {device_mesh}."
+        )
+    ranks = np.array([index for _, index in parsed], dtype=np.int64)
+    return device_types[0], ranks.reshape(tuple(device_mesh.shape))
+
+
+def _to_backend_mesh(device_mesh):
+    """Convert a keras `DeviceMesh` to a `torch.distributed.DeviceMesh`.
+
+    The torch mesh has the same shape and axis names; device `"cpu:i"` or
+    `"gpu:i"` is rank `i`. Meshes are cached by configuration, so equal keras
+    meshes share one torch mesh and every rank creates process groups in the
+    same order.
+
+    Args:
+        device_mesh: A `keras.distribution.DeviceMesh`.
+
+    Returns:
+        A `torch.distributed.DeviceMesh`.
+    """
+    device_type, ranks = _mesh_ranks(device_mesh)
+    world_size = num_processes()
+    mesh_size = math.prod(device_mesh.shape)
+    if mesh_size != world_size:
+        raise ValueError(
+            f"The DeviceMesh has {mesh_size} devices (shape "
+            f"{tuple(device_mesh.shape)}, axis_names "
+            f"{list(device_mesh.axis_names)}) but the world has {world_size} "
+            "process(es). On the torch backend each process drives one "
+            "device: launch with `torchrun --nproc-per-node "
+            f"{mesh_size}` or build the mesh from "
+            "`keras.distribution.list_devices()`."
+        )
+    if sorted(ranks.ravel().tolist()) != list(range(world_size)):
+        raise ValueError(
+            "The devices of a DeviceMesh must name every rank exactly once, "
+            f"0 to {world_size - 1}. Received devices "
+            f"{np.ravel(device_mesh.devices).tolist()}."
+        )
+    key = (
+        device_type,
+        tuple(device_mesh.shape),
+        tuple(device_mesh.axis_names),
+        tuple(ranks.ravel().tolist()),
+    )
+    mesh = _MESH_CACHE.get(key)
+    if mesh is None:
+        process_group.ensure_process_group()
+        mesh = TorchDeviceMesh(
+            "cuda" if device_type == "gpu" else "cpu",
+            torch.as_tensor(ranks),
+            mesh_dim_names=tuple(device_mesh.axis_names),
+        )
+        _MESH_CACHE[key] = mesh
+    return mesh
+
+
+def _placements_for(axes, axis_names, tensor_layout):
+    """Map a layout's per-dimension axes to one placement per mesh axis."""
+    placements = [Replicate()] * len(axis_names)
+    for dim, axis in enumerate(axes):
+        if axis is None:
+            continue
+        names = (axis,) if isinstance(axis, str) else tuple(axis)
+        positions = []
+        for name in names:
+            if name not in axis_names:
+                raise ValueError(
+                    f"Unknown mesh axis {name!r} in {tensor_layout}. The "
+                    f"mesh's axes are {list(axis_names)}. Use one of them, "
+                    "or `None` for a dimension that is not sharded."
+                )
+            position = axis_names.index(name)
+            if not placements[position].is_replicate():
+                raise ValueError(
+                    f"Mesh axis {name!r} shards more than one tensor "
+                    f"dimension in {tensor_layout}. A mesh axis can shard at "
+                    "most one dimension of a tensor."
+                )
+            placements[position] = Shard(dim)
+            positions.append(position)
+        if positions != sorted(positions):
+            raise ValueError(
+                f"Dimension {dim} of {tensor_layout} is sharded over mesh "
+                f"axes {list(names)} in an order that differs from the "
+                f"mesh's axis order {list(axis_names)}. List them in mesh "
+                "order."
+            )
+    return tuple(placements)
+
+
+def _to_backend_layout(tensor_layout):
+    """Convert a keras `TensorLayout` to a `DTensorLayout`.
+
+    Args:
+        tensor_layout: A `keras.distribution.TensorLayout` with a mesh.
+
+    Returns:
+        A `DTensorLayout` (torch mesh and placements).
+    """
+    if tensor_layout.device_mesh is None:
+        raise ValueError(
+            "Cannot convert a TensorLayout without a device mesh. Received: "
+            f"{tensor_layout}. Set `device_mesh=` or build it through a "
+            "`LayoutMap`."
+        )
+    axis_names = tuple(tensor_layout.device_mesh.axis_names)
+    placements = _placements_for(tensor_layout.axes, axis_names, tensor_layout)
+    mesh = tensor_layout.device_mesh.backend_mesh
+    return DTensorLayout(mesh, placements)
+
+
+def _as_dtensor_layout(layout):
+    # Avoid circular imports.
+    from keras.src.distribution import TensorLayout
+
+    if isinstance(layout, TensorLayout):
+        return layout.backend_layout
+    if isinstance(layout, DTensorLayout):
+        return layout
+    raise TypeError(
+        "Expected a `keras.distribution.TensorLayout` or a `DTensorLayout`. "
+        f"Received: layout={layout!r} of type {type(layout)}"
+    )
+
+
+def _check_divisible(shape, layout, name):
+    """Raise if a sharded dimension does not split evenly over its axes."""
+    mesh = layout.device_mesh
+    for mesh_dim, placement in enumerate(layout.placements):
+        if not placement.is_shard():
+            continue
+        dim = placement.dim
+        axis_size = mesh.size(mesh_dim)
+        axis_name = mesh.mesh_dim_names[mesh_dim]
+        if dim >= len(shape):
+            raise ValueError(
+                f"The layout of {name} shards dimension {dim} over mesh "
+                f"axis {axis_name!r}, but {name} has shape {tuple(shape)}. "
+                "Give the layout one entry per dimension."
+            )
+        if shape[dim] % axis_size:
+            raise ValueError(
+                f"Cannot shard {name} of shape {tuple(shape)}: dimension "
+                f"{dim} has size {shape[dim]}, which mesh axis "
+                f"{axis_name!r} of size {axis_size} does not divide. Change "
+                "the layout of this variable (e.g. in the LayoutMap) or the "
+                "mesh shape."
+            )
+
+
+def _mark_dtensors_in_use():
+    # Once DTensors exist, plain tensors that meet them in an op are
+    # promoted; see `dtensor_promotion`.
+    from keras.src.backend.torch import dtensor_promotion
+
+    dtensor_promotion.enable()
+
+
+def distribute_tensor(tensor, layout):
+    """Give a tensor the layout `layout`.
+
+    A DTensor is redistributed (e.g. resharded) if its layout differs. A
+    plain tensor is taken as the global value, identical on every process,
+    and each process keeps its shard of it: no communication happens.
+
+    Args:
+        tensor: A `torch.Tensor` or DTensor.
+        layout: A `TensorLayout` or a `DTensorLayout`.
+
+    Returns:
+        A DTensor with the layout.
+    """
+    layout = _as_dtensor_layout(layout)
+    _mark_dtensors_in_use()
+    if isinstance(tensor, DTensor):
+        if (
+            tensor.device_mesh == layout.device_mesh
+            and tuple(tensor.placements) == layout.placements
+        ):
+            return tensor
+        return tensor.redistribute(layout.device_mesh, layout.placements)
+    return _torch_distribute(
+        tensor, layout.device_mesh, layout.placements, src_data_rank=None
+    )
+
+
+def distribute_variable(value, layout):
+    """Create the DTensor holding a variable's value.
+
+    Rank 0's value is the one kept (it is broadcast or scattered), so a
+    replicated variable is identical on every rank even when each rank drew
+    different random initial values. The result never aliases `value`.
+
+    Args:
+        value: The full initial value, a `torch.Tensor`.
+        layout: A `TensorLayout` or a `DTensorLayout`.
+
+    Returns:
+        A DTensor with the layout.
+    """
+    return _distribute_variable(value, layout, "the variable")
+
+
+def _distribute_variable(value, layout, name):
+    layout = _as_dtensor_layout(layout)
+    _check_divisible(value.shape, layout, name)
+    _mark_dtensors_in_use()
+    # `distribute_tensor` writes rank 0's data into the local tensor, which
+    # aliases its input: clone, or the caller's tensor changes on other
+    # ranks.
+    return _torch_distribute(
+        value.detach().clone(), layout.device_mesh, layout.placements
+    )
+
+
+def distribute_data_input(per_process_batch, layout, batch_dim_name):
+    """Assemble a global batch from each process's part of it.
+
+    Each process passes its own rows (processes that share a position on the
+    batch axis pass the same rows). Parts may differ in size by any amount,
+    e.g. on the last batch of an epoch; the global batch is their
+    concatenation in rank order along the batch axis.
+
+    Args:
+        per_process_batch: A `torch.Tensor` (or array) with this process's
+            rows.
+        layout: `TensorLayout` of the global batch; its first dimension is
+            sharded over the batch axis.
+        batch_dim_name: Name of the mesh axis that shards the batch.
+
+    Returns:
+        A DTensor of the global batch.
+    """
+    from keras.src.backend.torch import distributed_data
+
+    return distributed_data.from_process_local(
+        per_process_batch, _as_dtensor_layout(layout), batch_dim_name
+    )

@@ -1,0 +1,36 @@
+"""Small DTensor helpers that the rest of the torch backend can import.
+
+This module imports nothing from Keras, so `core.py` can use it at import
+time without a cycle.
+"""
+
+import torch
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support.
+    DTensor = None
+
+
+def is_dtensor(x):
+    """Return True if `x` is a DTensor."""
+    return DTensor is not None and isinstance(x, DTensor)
+
+
+def to_global(x):
+    """Return the global value of a DTensor as a plain tensor.
+
+    Partial values are reduced and shards gathered, so every rank gets the
+    same full tensor. Reading `.item()` or `.numpy()` of a DTensor directly
+    would give the local piece instead. Other values pass through.
+
+    Args:
+        x: Any value.
+
+    Returns:
+        A plain `torch.Tensor` for a DTensor, else `x` unchanged.
+    """
+    if is_dtensor(x):
+        with torch.no_grad():
+            return x.full_tensor()
+    return x

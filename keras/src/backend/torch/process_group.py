@@ -1,0 +1,198 @@
+"""Forming and tearing down the `torch.distributed` world.
+
+The world is formed once per process, from `torchrun`'s environment or from
+`keras.distribution.initialize()` arguments. At exit, a process that
+finished cleanly waits for the others and destroys the process group, so a
+job that succeeded exits 0 on every rank (gloo can abort a rank whose peers
+leave first). A process that dies of an exception skips that barrier: its
+peers then fail fast on the closed connection instead of waiting for it.
+"""
+
+import atexit
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from keras.src.utils import rng_utils
+
+_TIMEOUT_ENV = "KERAS_TORCH_DISTRIBUTED_TIMEOUT"
+_DEFAULT_TIMEOUT_SECONDS = 600
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+_state = {"teardown_registered": False, "failed": False}
+
+
+def is_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_multi_process():
+    return is_initialized() and dist.get_world_size() > 1
+
+
+def _launched_by_torchrun():
+    return all(name in os.environ for name in _TORCHRUN_ENV)
+
+
+def maybe_initialize_from_environment():
+    """Form the world when launched by `torchrun` and not formed yet."""
+    if not is_initialized() and _launched_by_torchrun():
+        initialize()
+
+
+def _timeout():
+    seconds = os.environ.get(_TIMEOUT_ENV, _DEFAULT_TIMEOUT_SECONDS)
+    try:
+        seconds = float(seconds)
+    except ValueError:
+        raise ValueError(
+            f"{_TIMEOUT_ENV} must be a number of seconds. Received: "
+            f"{_TIMEOUT_ENV}={seconds!r}"
+        )
+    return datetime.timedelta(seconds=seconds)
+
+
+def _backend():
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _coordinator(job_addresses, num_processes):
+    addresses = [a.strip() for a in job_addresses.split(",") if a.strip()]
+    if len(addresses) > 1 and num_processes not in (None, len(addresses)):
+        raise ValueError(
+            f"`job_addresses` lists {len(addresses)} jobs but "
+            f"`num_processes` is {num_processes}. Received: "
+            f"job_addresses={job_addresses!r}, num_processes={num_processes}"
+        )
+    if len(addresses) > 1 and num_processes is None:
+        num_processes = len(addresses)
+    return addresses[0], num_processes
+
+
+def _check_same_world(num_processes, process_id):
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if num_processes is not None and num_processes != world:
+        raise ValueError(
+            f"The torch.distributed world is already formed with {world} "
+            f"processes, but `initialize()` received num_processes="
+            f"{num_processes}."
+        )
+    if process_id is not None and process_id != rank:
+        raise ValueError(
+            f"This process is already rank {rank}, but `initialize()` "
+            f"received process_id={process_id}."
+        )
+
+
+def initialize(job_addresses=None, num_processes=None, process_id=None):
+    """Form the world; see `distribution_lib.initialize`."""
+    if is_initialized():
+        _check_same_world(num_processes, process_id)
+        return
+    if job_addresses:
+        coordinator, num_processes = _coordinator(job_addresses, num_processes)
+        init_method = f"tcp://{coordinator}"
+    elif "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        coordinator = (
+            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        )
+        init_method = "env://"
+    else:
+        coordinator = None
+    if num_processes is None:
+        num_processes = int(os.environ.get("WORLD_SIZE", 1))
+    if process_id is None:
+        process_id = int(os.environ.get("RANK", 0))
+    if coordinator is None:
+        if num_processes > 1:
+            raise ValueError(
+                f"Cannot form a world of {num_processes} processes without "
+                "a coordinator address. Pass `job_addresses=` (or set "
+                "KERAS_DISTRIBUTION_JOB_ADDRESSES), or launch with "
+                "`torchrun`."
+            )
+        return
+    if not 0 <= process_id < num_processes:
+        raise ValueError(
+            f"`process_id` must be in [0, {num_processes}). Received: "
+            f"process_id={process_id}, num_processes={num_processes}"
+        )
+    backend = _backend()
+    if backend == "nccl":
+        local_rank = int(
+            os.environ.get("LOCAL_RANK", process_id % torch.cuda.device_count())
+        )
+        torch.cuda.set_device(local_rank)
+    try:
+        dist.init_process_group(
+            backend,
+            init_method=init_method,
+            world_size=num_processes,
+            rank=process_id,
+            timeout=_timeout(),
+        )
+    except Exception as error:
+        raise RuntimeError(
+            f"Could not form the torch.distributed world as rank "
+            f"{process_id} of {num_processes} (coordinator {coordinator}, "
+            f"backend {backend}): {error}"
+        ) from error
+    _register_teardown()
+    _agree_on_random_seed()
+
+
+def ensure_process_group():
+    """Make sure a process group exists, forming a 1-process one if needed.
+
+    DTensor needs a default process group even for a mesh of one device.
+    """
+    if is_initialized():
+        return
+    maybe_initialize_from_environment()
+    if is_initialized():
+        return
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(
+        backend, store=dist.HashStore(), rank=0, world_size=1
+    )
+    _register_teardown()
+
+
+def _agree_on_random_seed():
+    """Give every process the same global seed unless the user set one.
+
+    As on JAX, this makes initializers and random layers draw the same
+    values on every process.
+    """
+    if rng_utils.get_random_seed() is not None:
+        return
+    seed = [int.from_bytes(os.urandom(4), "little") >> 1]
+    dist.broadcast_object_list(seed, src=0)
+    rng_utils.set_random_seed(seed[0])
+
+
+def _register_teardown():
+    if _state["teardown_registered"]:
+        return
+    _state["teardown_registered"] = True
+    previous_hook = sys.excepthook
+
+    def note_failure(*args):
+        _state["failed"] = True
+        previous_hook(*args)
+
+    sys.excepthook = note_failure
+    atexit.register(_teardown)
+
+
+def _teardown():
+    if not is_initialized():
+        return
+    try:
+        if not _state["failed"] and dist.get_world_size() > 1:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
