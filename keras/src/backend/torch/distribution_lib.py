@@ -250,31 +250,20 @@ def _placements_for(axes, axis_names, tensor_layout):
     for dim, axis in enumerate(axes):
         if axis is None:
             continue
-        names = (axis,) if isinstance(axis, str) else tuple(axis)
-        positions = []
-        for name in names:
-            if name not in axis_names:
-                raise ValueError(
-                    f"Unknown mesh axis {name!r} in {tensor_layout}. The "
-                    f"mesh's axes are {list(axis_names)}. Use one of them, "
-                    "or `None` for a dimension that is not sharded."
-                )
-            position = axis_names.index(name)
-            if not placements[position].is_replicate():
-                raise ValueError(
-                    f"Mesh axis {name!r} shards more than one tensor "
-                    f"dimension in {tensor_layout}. A mesh axis can shard at "
-                    "most one dimension of a tensor."
-                )
-            placements[position] = Shard(dim)
-            positions.append(position)
-        if positions != sorted(positions):
+        if axis not in axis_names:
             raise ValueError(
-                f"Dimension {dim} of {tensor_layout} is sharded over mesh "
-                f"axes {list(names)} in an order that differs from the "
-                f"mesh's axis order {list(axis_names)}. List them in mesh "
-                "order."
+                f"Unknown mesh axis {axis!r} in {tensor_layout}. The "
+                f"mesh's axes are {list(axis_names)}. Use one of them, or "
+                "`None` for a dimension that is not sharded."
             )
+        position = axis_names.index(axis)
+        if not placements[position].is_replicate():
+            raise ValueError(
+                f"Mesh axis {axis!r} shards more than one tensor dimension "
+                f"in {tensor_layout}. A mesh axis can shard at most one "
+                "dimension of a tensor."
+            )
+        placements[position] = Shard(dim)
     return tuple(placements)
 
 

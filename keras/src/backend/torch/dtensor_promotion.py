@@ -19,26 +19,24 @@ true of constants and of values computed from replicated state. Per-rank
 data never takes this path: input batches are sharded explicitly by
 `distributed_data`.
 
-The same mode picks, for the few ops whose fused CPU kernel has no DTensor
-sharding rule, a kernel that has one: `scaled_dot_product_attention` on a
-CPU mesh runs its math kernel (its flash kernel's backward has no rule).
+The same mode sends the few ops that DTensor cannot shard the way Keras
+needs (convolutions over a batch-sharded input, CPU fused attention) to the
+rules in `dtensor_rules`.
 
 The mode is thread-local, like every torch function mode: DTensor
 computation must run on the thread that created the first DTensor (Keras's
 training loops do).
 """
 
-import contextlib
 import threading
 
 import torch
-from torch.nn.attention import SDPBackend
-from torch.nn.attention import sdpa_kernel
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate
 from torch.overrides import TorchFunctionMode
 
 from keras.src.backend.common.variables import Variable as KerasVariable
+from keras.src.backend.torch import dtensor_rules
 
 _lock = threading.Lock()
 _enabled_threads = set()
@@ -76,16 +74,6 @@ def _promote(arg, mesh, placements):
     return arg
 
 
-def _kernel_choice(func, mesh):
-    """A context choosing a kernel DTensor can shard for `func`, if needed."""
-    if (
-        func is torch.nn.functional.scaled_dot_product_attention
-        and mesh.device_type == "cpu"
-    ):
-        return sdpa_kernel([SDPBackend.MATH])
-    return contextlib.nullcontext()
-
-
 class PromoteToDTensorMode(TorchFunctionMode):
     """Promotes plain tensors to replicated DTensors where DTensors are."""
 
@@ -98,8 +86,9 @@ class PromoteToDTensorMode(TorchFunctionMode):
             kwargs = {
                 k: _promote(v, mesh, placements) for k, v in kwargs.items()
             }
-            with _kernel_choice(func, mesh):
-                return func(*args, **kwargs)
+            rule = dtensor_rules.RULES.get(func)
+            if rule is not None:
+                return rule(func, *args, **kwargs)
         return func(*args, **kwargs)
 
 

@@ -1,0 +1,75 @@
+"""Helpers shared by the worker scripts (run by `launcher`).
+
+A worker runs either as the single-process reference (plain `python`) or
+under `torchrun`. The reference saves the model's initial weights; the
+distributed run loads them with `set_weights`, so both start from the same
+values. Inputs come from a seeded generator built identically everywhere.
+"""
+
+import argparse
+import os
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+import numpy as np  # noqa: E402
+
+import keras  # noqa: E402
+
+RANK = int(os.environ.get("RANK", 0))
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_distributed():
+    return "LOCAL_RANK" in os.environ
+
+
+def parse_args(extra=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--init", help="File of initial weights.")
+    parser.add_argument("--mesh", default=None, help="Mesh shape, e.g. 2,2")
+    for name, kwargs in (extra or {}).items():
+        parser.add_argument(name, **kwargs)
+    return parser.parse_args()
+
+
+def mesh_shape(text, default):
+    if not text:
+        return default
+    return tuple(int(s) for s in text.split(","))
+
+
+def save_results(**arrays):
+    """Write this rank's results to `$RESULTS_DIR/rank{RANK}.npz`."""
+    path = Path(os.environ.get("RESULTS_DIR", ".")) / f"rank{RANK}.npz"
+    np.savez(path, **{k: np.asarray(v) for k, v in arrays.items()})
+
+
+def share_initial_weights(model, path):
+    """Save `model`'s weights (reference) or load them (distributed)."""
+    if is_distributed():
+        with np.load(path) as data:
+            model.set_weights([data[f"w{i}"] for i in range(len(data))])
+    else:
+        weights = model.get_weights()
+        np.savez(path, **{f"w{i}": w for i, w in enumerate(weights)})
+
+
+def weights_dict(model, prefix="weight"):
+    """Every weight of `model`, as global numpy arrays keyed by path."""
+    return {f"{prefix}:{v.path}": keras.ops.convert_to_numpy(v) for v in
+            model.weights}
+
+
+def data(seed, *shapes, integer_high=None):
+    """Arrays from a seeded generator, identical on every rank."""
+    rng = np.random.default_rng(seed)
+    if integer_high:
+        return [rng.integers(0, integer_high, size=s) for s in shapes]
+    return [rng.normal(size=s).astype("float32") for s in shapes]
+
+
+def set_distribution(distribution):
+    """Set `distribution` only in the distributed run."""
+    if is_distributed():
+        keras.distribution.set_distribution(distribution)

@@ -1,0 +1,71 @@
+"""Seed bug 3 and its class: ops mixing plain tensors and DTensors.
+
+A kernel sharded on its output dimension meets plain inputs and constants
+made by numpy, nn and math ops and by layers. Forward values and gradients
+with respect to the kernel must equal the single-process run.
+"""
+
+import common
+import numpy as np
+import torch
+
+import keras
+from keras import ops
+
+
+def _cases(x, ids, kernel):
+    h = ops.matmul(x, kernel)
+    odd = ops.cast(ops.arange(16) % 2, "float32")
+    return {
+        "matmul": h,
+        "einsum": ops.einsum("bi,io->bo", x, kernel),
+        "add_numpy_constant": ops.add(kernel, np.ones((8, 16), "float32")),
+        "where": ops.where(kernel > 0, kernel, ops.zeros_like(kernel) - 1.0),
+        "softmax": ops.softmax(h, axis=-1),
+        "gelu": ops.gelu(h),
+        "logsumexp": ops.logsumexp(kernel, axis=0),
+        "cumsum": ops.cumsum(kernel, axis=1),
+        "concatenate": ops.concatenate([kernel, ops.ones((8, 4))], axis=1),
+        "one_hot_matmul": ops.matmul(ops.one_hot(ids, 8), kernel),
+        "arange_mask": h * odd,
+        "mean_std": ops.mean(kernel) + ops.std(kernel, axis=0),
+        "clip": ops.clip(kernel, -0.1, 0.1),
+        "norm": ops.norm(h, axis=-1),
+        "layer_norm_layer": keras.layers.LayerNormalization(name="ln")(h),
+        "transpose_reshape": ops.reshape(ops.transpose(kernel), (4, 32)),
+        "max_argmax": ops.max(h, axis=-1) + ops.cast(ops.argmax(h, -1), "float32"),
+    }
+
+
+def main():
+    args = common.parse_args()
+    if common.is_distributed():
+        mesh = keras.distribution.DeviceMesh(
+            (1, common.WORLD_SIZE), ["batch", "model"]
+        )
+        layout_map = keras.distribution.LayoutMap(mesh)
+        layout_map["dense/kernel"] = (None, "model")
+        keras.distribution.set_distribution(
+            keras.distribution.ModelParallel(layout_map=layout_map)
+        )
+    dense = keras.layers.Dense(16, name="dense")
+    dense.build((None, 8))
+    common.share_initial_weights(dense, args.init)
+    x_numpy, = common.data(0, (4, 8))
+    ids, = common.data(1, (4,), integer_high=8)
+    # Plain tensors, exactly what the seed's `aten.mm` error was about.
+    x = torch.as_tensor(x_numpy)
+    ids = torch.as_tensor(ids)
+    results = {}
+    for name, output in _cases(x, ids, dense.kernel).items():
+        loss = ops.sum(ops.square(output))
+        (grad,) = torch.autograd.grad(
+            loss, [dense.kernel.value], retain_graph=True
+        )
+        results[f"value:{name}"] = ops.convert_to_numpy(output)
+        results[f"grad:{name}"] = ops.convert_to_numpy(grad)
+    common.save_results(**results)
+
+
+if __name__ == "__main__":
+    main()

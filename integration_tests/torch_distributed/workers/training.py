@@ -1,0 +1,53 @@
+"""fit / evaluate / predict under DataParallel or ModelParallel.
+
+`--strategy data` trains the MLP (with BatchNormalization) on 99 samples in
+batches of 16, so the last batch does not divide by the number of ranks.
+`--strategy model` trains the transformer with Megatron-style layouts on the
+mesh given by `--mesh`.
+"""
+
+import common
+import models
+
+import keras
+
+
+def _model_and_data(strategy):
+    if strategy == "data":
+        x, y = common.data(0, (99, 8), (99, 4))
+        return models.mlp(), "mse", ["mae"], x, y
+    (x,) = common.data(0, (36, models.SEQ), integer_high=models.VOCAB)
+    (y,) = common.data(1, (36,), integer_high=3)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    return models.transformer_classifier(), loss, ["accuracy"], x, y
+
+
+def main():
+    args = common.parse_args({"--strategy": {"default": "data"}})
+    if common.is_distributed():
+        n = common.WORLD_SIZE
+        if args.strategy == "data":
+            distribution = keras.distribution.DataParallel()
+        else:
+            shape = common.mesh_shape(args.mesh, (1, n))
+            mesh = keras.distribution.DeviceMesh(shape, ["batch", "model"])
+            distribution = keras.distribution.ModelParallel(
+                layout_map=models.transformer_layout_map(mesh)
+            )
+        keras.distribution.set_distribution(distribution)
+    model, loss, metrics, x, y = _model_and_data(args.strategy)
+    common.share_initial_weights(model, args.init)
+    model.compile(keras.optimizers.Adam(0.01), loss, metrics=metrics)
+    history = model.fit(
+        x, y, batch_size=16, epochs=2, verbose=0, shuffle=False
+    ).history
+    evaluation = model.evaluate(x, y, batch_size=16, verbose=0)
+    predictions = model.predict(x, batch_size=16, verbose=0)
+    results = {f"history:{k}": v for k, v in history.items()}
+    results.update(evaluate=evaluation, predict=predictions)
+    results.update(common.weights_dict(model))
+    common.save_results(**results)
+
+
+if __name__ == "__main__":
+    main()

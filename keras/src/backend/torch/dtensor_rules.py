@@ -1,0 +1,110 @@
+"""Sharding rules for the ops DTensor cannot shard the way Keras needs.
+
+`dtensor_promotion`'s mode sends a call here when its function has a rule
+and a DTensor is among its arguments (after plain tensors were promoted).
+
+- Convolutions: DTensor only shards them along spatial dimensions (its
+  tensor-parallel convolution) and fails on a batch-sharded input. The rule
+  here keeps the batch sharding of the input and the output-channel sharding
+  of the kernel, runs the convolution on local shards, and returns the
+  output sharded on batch and channels; backward is the local convolution's
+  backward, with the input's gradient `Partial` over channel shards and the
+  kernel's `Partial` over batch shards.
+- `scaled_dot_product_attention` on CPU: its fused kernel's backward has no
+  DTensor rule, so the math kernel (plain matmuls and softmax) is used.
+"""
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import Partial
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor import Shard
+from torch.nn.attention import SDPBackend
+from torch.nn.attention import sdpa_kernel
+
+_CONVOLUTIONS = {
+    torch.conv1d: False,
+    torch.conv2d: False,
+    torch.conv3d: False,
+    torch.conv_transpose1d: True,
+    torch.conv_transpose2d: True,
+    torch.conv_transpose3d: True,
+}
+
+
+def _contiguous_stride(shape):
+    stride, running = [], 1
+    for size in reversed(shape):
+        stride.append(running)
+        running *= max(size, 1)
+    return tuple(reversed(stride))
+
+
+def _convolution(func, input, weight, bias=None, *args, **kwargs):
+    transposed = _CONVOLUTIONS[func]
+    groups = kwargs.get("groups", args[-1] if len(args) >= 4 else 1)
+    mesh = weight.device_mesh
+    # The kernel's output channels: dim 0, or dim 1 for a transposed kernel.
+    out_dim = 1 if transposed else 0
+    input_placements, weight_placements = [], []
+    for axis in range(mesh.ndim):
+        batch_split = input.placements[axis] == Shard(0)
+        channel_split = (
+            weight.placements[axis] == Shard(out_dim)
+            and not batch_split
+            and groups == 1
+        )
+        input_placements.append(Shard(0) if batch_split else Replicate())
+        weight_placements.append(Shard(out_dim) if channel_split else Replicate())
+    input = input.redistribute(mesh, input_placements)
+    weight = weight.redistribute(mesh, weight_placements)
+    input_grad = [
+        Partial() if w.is_shard() else p
+        for p, w in zip(input_placements, weight_placements)
+    ]
+    weight_grad = [
+        Partial() if i.is_shard() else p
+        for p, i in zip(weight_placements, input_placements)
+    ]
+    local_bias = None
+    if bias is not None:
+        bias_placements = [Shard(0) if w.is_shard() else w
+                           for w in weight_placements]
+        bias = bias.redistribute(mesh, bias_placements)
+        local_bias = bias.to_local(grad_placements=[
+            Partial() if i.is_shard() else p
+            for p, i in zip(bias_placements, input_placements)
+        ])
+    output = func(
+        input.to_local(grad_placements=input_grad),
+        weight.to_local(grad_placements=weight_grad),
+        local_bias,
+        *args,
+        **kwargs,
+    )
+    channels = weight.shape[1] * groups if transposed else weight.shape[0]
+    shape = (input.shape[0], channels, *output.shape[2:])
+    output_placements = [
+        Shard(0) if i.is_shard() else Shard(1) if w.is_shard() else Replicate()
+        for i, w in zip(input_placements, weight_placements)
+    ]
+    return DTensor.from_local(
+        output,
+        mesh,
+        output_placements,
+        run_check=False,
+        shape=torch.Size(shape),
+        stride=_contiguous_stride(shape),
+    )
+
+
+def _attention(func, *args, **kwargs):
+    mesh = next(a for a in args if isinstance(a, DTensor)).device_mesh
+    if mesh.device_type != "cpu":
+        return func(*args, **kwargs)
+    with sdpa_kernel([SDPBackend.MATH]):
+        return func(*args, **kwargs)
+
+
+RULES = dict.fromkeys(_CONVOLUTIONS, _convolution)
+RULES[torch.nn.functional.scaled_dot_product_attention] = _attention
