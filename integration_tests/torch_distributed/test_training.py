@@ -1,5 +1,6 @@
 """fit / evaluate / predict: the same numbers as one process."""
 
+import numpy as np
 import pytest
 
 from integration_tests.torch_distributed import launcher
@@ -20,7 +21,15 @@ def test_training_matches_single_process(tmp_path, strategy, nproc, mesh):
     _, _, results = launcher.run_workers(
         "training.py", nproc, tmp_path, args=args
     )
-    # Adam divides by sqrt(v) + eps; two epochs amplify the float32 ulp
-    # differences of the reduction order to a few 1e-5 in the weights.
-    parity.assert_results_match(results, reference, KEYS, rtol=1e-4)
+    # The key bias's gradient is rounding noise around zero (softmax ignores
+    # a shift shared by all keys); Adam turns noise into steps of at most
+    # lr * |g| / eps ~ 1e-5, which differ between runs. Compare it absolutely.
+    key_bias = "weight:mha/key/bias"
+    skip = []
+    if key_bias in reference:
+        skip.append(key_bias)
+        for result in results:
+            diff = np.abs(result[key_bias] - reference[key_bias]).max()
+            assert diff < 1e-4, diff
+    parity.assert_results_match(results, reference, KEYS, skip=skip)
     parity.assert_same_on_every_rank(results, KEYS)

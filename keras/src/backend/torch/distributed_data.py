@@ -19,14 +19,6 @@ from torch.distributed.tensor import Shard
 from torch.distributed.tensor import distribute_tensor
 
 from keras.src import tree
-from keras.src.backend.common import global_state
-
-
-def _active_distribution():
-    distribution = global_state.get_global_attribute("distribution")
-    if distribution is None or distribution.device_mesh.devices.size == 1:
-        return None
-    return distribution
 
 
 def _is_batch_leaf(x):
@@ -43,10 +35,12 @@ def shard_batch(data):
         The same structure with each array a DTensor when a distribution with
         more than one device is set; `data` unchanged otherwise.
     """
-    distribution = _active_distribution()
+    from keras.src.backend.torch import core
+    from keras.src.backend.torch import distribution_lib
+
+    distribution = distribution_lib.active_distribution()
     if distribution is None:
         return data
-    from keras.src.backend.torch import core
 
     per_process = not distribution.auto_shard_dataset
 
@@ -57,8 +51,6 @@ def shard_batch(data):
         layout = distribution.get_data_layout(tuple(x.shape)).backend_layout
         if per_process:
             return from_process_local(x, layout, distribution.batch_dim_name)
-        from keras.src.backend.torch import distribution_lib
-
         return distribution_lib.distribute_tensor(x, layout)
 
     return tree.map_structure(shard, data)

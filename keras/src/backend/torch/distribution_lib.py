@@ -150,6 +150,21 @@ def process_id():
     return 0
 
 
+def active_distribution():
+    """Return the global distribution if it spans several devices, else None.
+
+    A distribution over one device changes nothing on the torch backend:
+    variables and batches stay plain tensors.
+    """
+    # Avoid circular imports.
+    from keras.src.distribution import distribution_lib
+
+    distribution = distribution_lib.distribution()
+    if distribution is None or distribution.device_mesh.devices.size == 1:
+        return None
+    return distribution
+
+
 def _parse_device(device_name):
     """Split `"gpu:3"` (or a `torch.device`) into `("gpu", 3)`."""
     if isinstance(device_name, torch.device):
