@@ -1,0 +1,1 @@
+"""Build tools that assemble the fork from upstream Keras at build time."""

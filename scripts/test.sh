@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Every test: lint, packaging, the multi-process suite, upstream's tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_venv.sh -r requirements-test.txt
+export KERAS_BACKEND=torch OMP_NUM_THREADS=1
+.venv/bin/ruff check .
+.venv/bin/python -m pytest tests/packaging integration_tests
+.venv/bin/python tests/upstream/run_upstream_tests.py
