@@ -43,7 +43,7 @@ def _strip_prefix(name, prefix, patch_name):
             f"{patch_name}: expected a path starting with {prefix!r}, "
             f"found {name!r}."
         )
-    return name[len(prefix):]
+    return name[len(prefix) :]
 
 
 def parse(text, patch_name="<patch>"):
@@ -60,8 +60,7 @@ def parse(text, patch_name="<patch>"):
             new = _strip_prefix(lines[i + 1][4:], "b/", patch_name)
             if old != new:
                 raise PatchError(
-                    f"{patch_name}: renames are not supported ({old} -> "
-                    f"{new})."
+                    f"{patch_name}: renames are not supported ({old} -> {new})."
                 )
             current, hunk = FilePatch(old), None
             files.append(current)

@@ -108,9 +108,7 @@ def run_workers(
         path = results_dir / f"rank{rank}.npz"
         results.append(dict(np.load(path)) if path.exists() else {})
     if expect_success and not all(results):
-        raise LaunchError(
-            f"{script}: some ranks wrote no results.\n{output}"
-        )
+        raise LaunchError(f"{script}: some ranks wrote no results.\n{output}")
     return returncode, output, results
 
 

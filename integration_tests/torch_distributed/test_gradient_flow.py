@@ -14,7 +14,10 @@ def test_gradients_match_single_process(tmp_path, nproc, mesh):
         "gradient_flow.py", tmp_path, args=["--init", init]
     )
     _, _, results = launcher.run_workers(
-        "gradient_flow.py", nproc, tmp_path, args=["--init", init, "--mesh", mesh]
+        "gradient_flow.py",
+        nproc,
+        tmp_path,
+        args=["--init", init, "--mesh", mesh],
     )
     # Softmax ignores a shift shared by all keys, so the key bias's gradient
     # is exactly zero in exact arithmetic: both runs hold rounding noise

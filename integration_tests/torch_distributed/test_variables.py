@@ -12,7 +12,7 @@ def test_variables_shards_and_replicas(tmp_path):
     _, _, results = launcher.run_workers("variables.py", 2, tmp_path)
     rank0_draw = results[0]
     for rank, result in enumerate(results):
-        paths = [k[len("full:"):] for k in result if k.startswith("full:")]
+        paths = [k[len("full:") :] for k in result if k.startswith("full:")]
         assert len(paths) == 8, paths  # 2 kernels, 2 biases, 4 BN vars.
         for path in paths:
             full, local = result[f"full:{path}"], result[f"local:{path}"]

@@ -57,8 +57,10 @@ def share_initial_weights(model, path):
 
 def weights_dict(model, prefix="weight"):
     """Every weight of `model`, as global numpy arrays keyed by path."""
-    return {f"{prefix}:{v.path}": keras.ops.convert_to_numpy(v) for v in
-            model.weights}
+    return {
+        f"{prefix}:{v.path}": keras.ops.convert_to_numpy(v)
+        for v in model.weights
+    }
 
 
 def data(seed, *shapes, integer_high=None):

@@ -33,7 +33,8 @@ def _cases(x, ids, kernel):
         "norm": ops.norm(h, axis=-1),
         "layer_norm_layer": keras.layers.LayerNormalization(name="ln")(h),
         "transpose_reshape": ops.reshape(ops.transpose(kernel), (4, 32)),
-        "max_argmax": ops.max(h, axis=-1) + ops.cast(ops.argmax(h, -1), "float32"),
+        "max_argmax": ops.max(h, axis=-1)
+        + ops.cast(ops.argmax(h, -1), "float32"),
     }
 
 
@@ -51,8 +52,8 @@ def main():
     dense = keras.layers.Dense(16, name="dense")
     dense.build((None, 8))
     common.share_initial_weights(dense, args.init)
-    x_numpy, = common.data(0, (4, 8))
-    ids, = common.data(1, (4,), integer_high=8)
+    (x_numpy,) = common.data(0, (4, 8))
+    (ids,) = common.data(1, (4,), integer_high=8)
     # Plain tensors, exactly what the seed's `aten.mm` error was about.
     x = torch.as_tensor(x_numpy)
     ids = torch.as_tensor(ids)

@@ -21,9 +21,7 @@ def main():
 
     mesh = keras.distribution.DeviceMesh((1, n), ["batch", "model"])
     keras.distribution.set_distribution(
-        keras.distribution.ModelParallel(
-            layout_map=models.mlp_layout_map(mesh)
-        )
+        keras.distribution.ModelParallel(layout_map=models.mlp_layout_map(mesh))
     )
     keras.utils.set_random_seed(1000 + common.RANK)
     model = models.mlp()

@@ -110,9 +110,7 @@ def from_process_local(local, layout, batch_dim_name):
     pieces = [torch.empty_like(padded) for _ in range(parts)]
     dist.all_gather(pieces, padded, group=group)
     full = torch.cat([p[:n] for p, n in zip(pieces, counts)])
-    return distribute_tensor(
-        full, mesh, layout.placements, src_data_rank=None
-    )
+    return distribute_tensor(full, mesh, layout.placements, src_data_rank=None)
 
 
 def _contiguous_stride(shape):

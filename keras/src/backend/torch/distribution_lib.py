@@ -20,6 +20,7 @@ Where the pieces live:
 """
 
 import dataclasses
+import logging
 import math
 
 import numpy as np
@@ -38,6 +39,24 @@ from keras.src.backend.torch import process_group
 # to the same torch mesh on every rank, or ranks create process groups in
 # different orders and desynchronize.
 _MESH_CACHE = {}
+
+
+class _DropFlattenAdvice(logging.Filter):
+    """Drop DTensor's advice to flatten mesh axes.
+
+    DTensor logs it whenever a value is `Partial` over two mesh axes, e.g. a
+    loss over a `(1, N)` mesh, whose batch axis of size 1 costs nothing.
+    Keras users choose the mesh through the distribution, not by flattening
+    torch mesh axes, so the advice only adds noise to every rank's log.
+    """
+
+    def filter(self, record):
+        return "sequential all_reduce" not in record.getMessage()
+
+
+logging.getLogger("torch.distributed.tensor._redistribute").addFilter(
+    _DropFlattenAdvice()
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,7 +55,9 @@ def _convolution(func, input, weight, bias=None, *args, **kwargs):
             and groups == 1
         )
         input_placements.append(Shard(0) if batch_split else Replicate())
-        weight_placements.append(Shard(out_dim) if channel_split else Replicate())
+        weight_placements.append(
+            Shard(out_dim) if channel_split else Replicate()
+        )
     input = input.redistribute(mesh, input_placements)
     weight = weight.redistribute(mesh, weight_placements)
     input_grad = [
@@ -68,13 +70,16 @@ def _convolution(func, input, weight, bias=None, *args, **kwargs):
     ]
     local_bias = None
     if bias is not None:
-        bias_placements = [Shard(0) if w.is_shard() else w
-                           for w in weight_placements]
+        bias_placements = [
+            Shard(0) if w.is_shard() else w for w in weight_placements
+        ]
         bias = bias.redistribute(mesh, bias_placements)
-        local_bias = bias.to_local(grad_placements=[
-            Partial() if i.is_shard() else p
-            for p, i in zip(bias_placements, input_placements)
-        ])
+        local_bias = bias.to_local(
+            grad_placements=[
+                Partial() if i.is_shard() else p
+                for p, i in zip(bias_placements, input_placements)
+            ]
+        )
     output = func(
         input.to_local(grad_placements=input_grad),
         weight.to_local(grad_placements=weight_grad),

@@ -96,9 +96,7 @@ def initialize(job_addresses=None, num_processes=None, process_id=None):
         coordinator, num_processes = _coordinator(job_addresses, num_processes)
         init_method = f"tcp://{coordinator}"
     elif "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
-        coordinator = (
-            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-        )
+        coordinator = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         init_method = "env://"
     else:
         coordinator = None
