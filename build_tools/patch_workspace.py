@@ -83,9 +83,7 @@ def prepare(directory):
 
 
 def export(directory):
-    commits = _git(directory, "log", "--reverse", "--format=%H %s").split(
-        "\n"
-    )
+    commits = _git(directory, "log", "--reverse", "--format=%H %s").split("\n")
     commits = [line.split(" ", 1) for line in commits if line]
     if not commits or commits[0][1] != PRISTINE:
         raise SystemExit(f"{directory} was not made by `prepare`.")
