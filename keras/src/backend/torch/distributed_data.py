@@ -7,8 +7,9 @@ does not divide by the number of ranks gives some ranks one row fewer), and
 the batch becomes a DTensor of the global shape. No data moves between
 ranks.
 
-When the data is already per rank (`auto_shard_dataset=False`), each rank's
-rows are assembled into the global batch instead (`from_process_local`).
+When the data is already per rank, each rank's rows are assembled into the
+global batch instead (`from_process_local`): with `auto_shard_dataset=False`,
+or when a torch `DataLoader` samples with a `DistributedSampler`.
 """
 
 import numpy as np
@@ -25,11 +26,69 @@ def _is_batch_leaf(x):
     return isinstance(x, (torch.Tensor, np.ndarray)) and len(x.shape) > 0
 
 
-def shard_batch(data):
+def _distributed_sampler(data_adapter):
+    """The `DistributedSampler` of an adapter's `DataLoader`, if any."""
+    from torch.utils.data import DistributedSampler
+
+    loader = getattr(data_adapter, "_dataloader", None)
+    for sampler in (
+        getattr(loader, "sampler", None),
+        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+    ):
+        if isinstance(sampler, DistributedSampler):
+            return sampler
+    return None
+
+
+def _check_sampler(sampler, distribution):
+    mesh = distribution.device_mesh
+    axis = list(mesh.axis_names).index(distribution.batch_dim_name)
+    shards = mesh.shape[axis]
+    if sampler.num_replicas != shards:
+        raise ValueError(
+            f"The DataLoader's DistributedSampler splits the data "
+            f"{sampler.num_replicas} ways, but the batch axis "
+            f"{distribution.batch_dim_name!r} of the mesh {mesh} has {shards} "
+            "shards. Build it with `DistributedSampler(dataset, "
+            f"num_replicas={shards}, rank=<this process's position on the "
+            "batch axis>)`, or pass the DataLoader without one: every "
+            "batch is then the global batch."
+        )
+
+
+def shard_batches(data_adapter, batches):
+    """Shard every batch an epoch iterator yields; see `shard_batch`.
+
+    Args:
+        data_adapter: The `DataAdapter` the batches come from.
+        batches: The iterable of batches it produced.
+
+    Returns:
+        `batches` itself without a multi-device distribution, else an
+        iterator of sharded batches.
+    """
+    from keras.src.backend.torch import distribution_lib
+
+    distribution = distribution_lib.active_distribution()
+    if distribution is None:
+        return batches
+    per_process = not distribution.auto_shard_dataset
+    sampler = _distributed_sampler(data_adapter)
+    if sampler is not None:
+        _check_sampler(sampler, distribution)
+        per_process = True
+    return (shard_batch(batch, per_process) for batch in batches)
+
+
+def shard_batch(data, per_process=None):
     """Turn a batch (any nest of arrays) into DTensors sharded on axis 0.
+
+    Leaves that are DTensors already are kept as they are.
 
     Args:
         data: The batch `Trainer` steps receive, e.g. `(x, y, sample_weight)`.
+        per_process: Whether `data` holds only this process's rows. Defaults
+            to `not distribution.auto_shard_dataset`.
 
     Returns:
         The same structure with each array a DTensor when a distribution with
@@ -42,7 +101,8 @@ def shard_batch(data):
     if distribution is None:
         return data
 
-    per_process = not distribution.auto_shard_dataset
+    if per_process is None:
+        per_process = not distribution.auto_shard_dataset
 
     def shard(x):
         if isinstance(x, DTensor) or not _is_batch_leaf(x):

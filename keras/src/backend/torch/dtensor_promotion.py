@@ -21,7 +21,10 @@ data never takes this path: input batches are sharded explicitly by
 
 The same mode sends the few ops that DTensor cannot shard the way Keras
 needs (convolutions over a batch-sharded input, CPU fused attention) to the
-rules in `dtensor_rules`.
+rules in `dtensor_rules`, and catches the ops DTensor has no sharding rule
+for at all (e.g. `repeat_interleave` with tensor repeats, which metrics
+use): their DTensor arguments are made replicated and the op runs on the
+local values, giving a replicated result (`dtensor_rules.run_replicated`).
 
 The mode is thread-local, like every torch function mode: DTensor
 computation must run on the thread that created the first DTensor (Keras's
@@ -89,6 +92,13 @@ class PromoteToDTensorMode(TorchFunctionMode):
             rule = dtensor_rules.RULES.get(func)
             if rule is not None:
                 return rule(func, *args, **kwargs)
+            try:
+                return func(*args, **kwargs)
+            except (RuntimeError, NotImplementedError) as error:
+                # Raised while choosing a sharding, before anything ran.
+                if not dtensor_rules.is_missing_sharding_rule(error):
+                    raise
+                return dtensor_rules.run_replicated(func, mesh, args, kwargs)
         return func(*args, **kwargs)
 
 

@@ -12,7 +12,14 @@ and a DTensor is among its arguments (after plain tensors were promoted).
   kernel's `Partial` over batch shards.
 - `scaled_dot_product_attention` on CPU: its fused kernel's backward has no
   DTensor rule, so the math kernel (plain matmuls and softmax) is used.
+- Any other op DTensor has no sharding rule for: `run_replicated` makes its
+  DTensor arguments replicated (a no-op for replicated ones, a gather for
+  sharded ones), runs it on the local values and returns replicated
+  DTensors. Correct for every deterministic op; the gather costs memory, so
+  it is logged once per op when a sharded argument had to be gathered.
 """
+
+import logging
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -21,6 +28,13 @@ from torch.distributed.tensor import Replicate
 from torch.distributed.tensor import Shard
 from torch.nn.attention import SDPBackend
 from torch.nn.attention import sdpa_kernel
+
+_logger = logging.getLogger(__name__)
+_gathered_ops = set()
+_MISSING_RULE_MESSAGES = (
+    "Sharding propagation failed",
+    "does not have a sharding strategy registered",
+)
 
 _CONVOLUTIONS = {
     torch.conv1d: False,
@@ -109,6 +123,45 @@ def _attention(func, *args, **kwargs):
         return func(*args, **kwargs)
     with sdpa_kernel([SDPBackend.MATH]):
         return func(*args, **kwargs)
+
+
+def is_missing_sharding_rule(error):
+    """Whether `error` says DTensor has no sharding rule for an op."""
+    return any(message in str(error) for message in _MISSING_RULE_MESSAGES)
+
+
+def run_replicated(func, mesh, args, kwargs):
+    """Run `func` on replicated local values; return replicated DTensors."""
+    replicate = [Replicate()] * mesh.ndim
+
+    def to_local(x):
+        if isinstance(x, (list, tuple)):
+            return type(x)(to_local(item) for item in x)
+        if not isinstance(x, DTensor):
+            return x
+        if not all(p.is_replicate() for p in x.placements):
+            name = getattr(func, "__name__", str(func))
+            if name not in _gathered_ops:
+                _gathered_ops.add(name)
+                _logger.warning(
+                    "DTensor has no sharding rule for %s: its sharded "
+                    "arguments are gathered and it runs replicated.",
+                    name,
+                )
+            x = x.redistribute(mesh, replicate)
+        return x.to_local(grad_placements=replicate)
+
+    def to_dtensor(x):
+        if isinstance(x, torch.Tensor) and not isinstance(x, DTensor):
+            return DTensor.from_local(x, mesh, replicate, run_check=False)
+        if isinstance(x, (list, tuple)):
+            return type(x)(to_dtensor(item) for item in x)
+        return x
+
+    output = func(
+        *to_local(tuple(args)), **{k: to_local(v) for k, v in kwargs.items()}
+    )
+    return to_dtensor(output)
 
 
 RULES = dict.fromkeys(_CONVOLUTIONS, _convolution)

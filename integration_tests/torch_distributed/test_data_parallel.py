@@ -1,0 +1,48 @@
+"""DataParallel: the same numbers as one process, whatever the input."""
+
+import numpy as np
+
+from integration_tests.torch_distributed import launcher
+from integration_tests.torch_distributed import parity
+
+SCENARIOS = [
+    "arrays",
+    "class_weights",
+    "py_dataset",
+    "data_loader",
+    "distributed_sampler",
+    "generator",
+    "custom_loop",
+]
+# A bias followed by BatchNormalization has a gradient of exactly zero (the
+# normalization removes any shift), so both runs hold rounding noise there,
+# which Adam turns into steps of at most lr * |g| / eps ~ 1e-5.
+NOISE = "weight:hidden/bias"
+
+
+def test_every_input_matches_single_process(tmp_path):
+    args = ["--init", str(tmp_path / "init")]
+    reference = launcher.run_reference("data_parallel.py", tmp_path, args)
+    _, output, results = launcher.run_workers(
+        "data_parallel.py", 2, tmp_path, args=args
+    )
+    for name in SCENARIOS:
+        prefix = f"{name}/"
+        noise = prefix + NOISE
+        for result in results:
+            diff = np.abs(result[noise] - reference[noise]).max()
+            assert diff < 1e-4, (noise, diff)
+        count = parity.assert_results_match(
+            results, reference, [prefix], skip=[noise]
+        )
+        assert count >= 9, (name, count)
+    parity.assert_same_on_every_rank(results, [""])
+    # Metrics that count (true positives, false negatives) are integers:
+    # equal, not merely close, to the reference.
+    for result in results:
+        for key in ("arrays/history:tp", "arrays/history:fn"):
+            np.testing.assert_array_equal(result[key], reference[key])
+    # The progress bar (verbose=2: one line per epoch) prints on rank 0 only.
+    epoch_lines = [line for line in output.splitlines() if "/step" in line]
+    assert len(epoch_lines) == 2, epoch_lines
+    assert all(line.startswith("[default0]") for line in epoch_lines)
