@@ -42,7 +42,8 @@ def test_every_input_matches_single_process(tmp_path):
     for result in results:
         for key in ("arrays/history:tp", "arrays/history:fn"):
             np.testing.assert_array_equal(result[key], reference[key])
-    # The progress bar (verbose=2: one line per epoch) prints on rank 0 only.
-    epoch_lines = [line for line in output.splitlines() if "/step" in line]
-    assert len(epoch_lines) == 2, epoch_lines
-    assert all(line.startswith("[default0]") for line in epoch_lines)
+    # Progress bars (fit with verbose=2, predict's default) print on rank 0
+    # only.
+    progress = [line for line in output.splitlines() if "/step" in line]
+    assert len(progress) >= 2, output
+    assert all(line.startswith("[default0]") for line in progress), progress
