@@ -20,6 +20,7 @@ from torch.distributed.tensor import Shard
 from torch.distributed.tensor import distribute_tensor
 
 from keras.src import tree
+from keras.src.backend.torch import dtensor_utils
 
 
 def _is_batch_leaf(x):
@@ -159,7 +160,7 @@ def from_process_local(local, layout, batch_dim_name):
             placements,
             run_check=False,
             shape=torch.Size(shape),
-            stride=_contiguous_stride(shape),
+            stride=dtensor_utils.contiguous_stride(shape),
         )
     # Sizes that do not follow DTensor's split: gather every row, then keep
     # this rank's slice of the global batch.
@@ -171,11 +172,3 @@ def from_process_local(local, layout, batch_dim_name):
     dist.all_gather(pieces, padded, group=group)
     full = torch.cat([p[:n] for p, n in zip(pieces, counts)])
     return distribute_tensor(full, mesh, layout.placements, src_data_rank=None)
-
-
-def _contiguous_stride(shape):
-    stride, running = [], 1
-    for size in reversed(shape):
-        stride.append(running)
-        running *= max(size, 1)
-    return tuple(reversed(stride))

@@ -29,6 +29,8 @@ from torch.distributed.tensor import Shard
 from torch.nn.attention import SDPBackend
 from torch.nn.attention import sdpa_kernel
 
+from keras.src.backend.torch import dtensor_utils
+
 _logger = logging.getLogger(__name__)
 _gathered_ops = set()
 _MISSING_RULE_MESSAGES = (
@@ -44,14 +46,6 @@ _CONVOLUTIONS = {
     torch.conv_transpose2d: True,
     torch.conv_transpose3d: True,
 }
-
-
-def _contiguous_stride(shape):
-    stride, running = [], 1
-    for size in reversed(shape):
-        stride.append(running)
-        running *= max(size, 1)
-    return tuple(reversed(stride))
 
 
 def _convolution(func, input, weight, bias=None, *args, **kwargs):
@@ -113,7 +107,7 @@ def _convolution(func, input, weight, bias=None, *args, **kwargs):
         output_placements,
         run_check=False,
         shape=torch.Size(shape),
-        stride=_contiguous_stride(shape),
+        stride=dtensor_utils.contiguous_stride(shape),
     )
 
 

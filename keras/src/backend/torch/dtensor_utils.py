@@ -34,3 +34,16 @@ def to_global(x):
         with torch.no_grad():
             return x.full_tensor()
     return x
+
+
+def contiguous_stride(shape):
+    """The strides of a contiguous tensor of `shape`.
+
+    `DTensor.from_local(..., shape=...)` takes the global shape and stride
+    when shards are uneven; this gives the stride for a global shape.
+    """
+    stride, running = [], 1
+    for size in reversed(shape):
+        stride.append(running)
+        running *= max(size, 1)
+    return tuple(reversed(stride))
