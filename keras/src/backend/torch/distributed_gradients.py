@@ -5,14 +5,26 @@ a `Partial` gradient: each rank holds the sum over its own rows. It must be
 reduced exactly once. Reducing each gradient on its own costs one collective
 per parameter, and handing `Partial` gradients to the optimizer costs one
 per use; instead, gradients that need the same reduction are packed into
-one flat buffer and reduced with a single all-reduce per mesh axis, as DDP's
-buckets do.
+flat buckets, each reduced with one all-reduce per mesh axis, as DDP does.
+
+NOTE [overlap]: distributed parameters are watched (`watch`): as backward
+accumulates their gradients, they fill buckets, and a bucket whose size
+reaches `_BUCKET_BYTES` starts its all-reduce at once, asynchronously, while
+backward goes on. `reduce_gradients` (called by the optimizer's `apply`)
+starts the last buckets, waits for all, and uses a result only for the very
+gradient tensor it was computed from, unchanged since (same object, same
+version). Any other `Partial` gradient (accumulated again, edited, or never
+watched) is reduced there, synchronously, in buckets. Every rank runs the
+same graph, so buckets form identically on every rank.
 """
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate
+
+# Buckets start their all-reduce once they hold this many bytes.
+_BUCKET_BYTES = 4 * 2**20
 
 _REDUCE_OPS = {
     "sum": dist.ReduceOp.SUM,
@@ -35,8 +47,108 @@ def _reduction_key(grad):
     return grad.device_mesh, partial_axes, ops, grad.dtype, grad.device
 
 
+def _local(grad):
+    return grad._local_tensor
+
+
+class _Bucket:
+    """Gradients packed into one buffer, reduced along the partial axes."""
+
+    def __init__(self, key):
+        self.key = key
+        self.grads = []
+        self.versions = []
+        self.nbytes = 0
+        self.flat = None
+        self.work = None
+
+    def add(self, grad):
+        self.grads.append(grad)
+        self.versions.append(_local(grad)._version)
+        self.nbytes += _local(grad).numel() * _local(grad).element_size()
+
+    def start(self, async_op):
+        mesh, axes, ops, _, _ = self.key
+        for op in ops:
+            if op not in _REDUCE_OPS:
+                raise ValueError(
+                    f"Cannot reduce a gradient that is Partial({op!r}). "
+                    f"Supported reductions: {sorted(_REDUCE_OPS)}."
+                )
+        with torch.no_grad():
+            self.flat = torch.cat(
+                [_local(g).detach().reshape(-1) for g in self.grads]
+            )
+        self.work = dist.all_reduce(
+            self.flat,
+            op=_REDUCE_OPS[ops[0]],
+            group=mesh.get_group(axes[0]),
+            async_op=async_op,
+        )
+        return self
+
+    def finish(self):
+        """Wait, reduce the other axes; return `{id(grad): (grad, version,
+        reduced)}` for every gradient of the bucket."""
+        mesh, axes, ops, _, _ = self.key
+        if self.work is not None:
+            self.work.wait()
+        with torch.no_grad():
+            for index, (axis, op) in enumerate(zip(axes, ops)):
+                if index:
+                    dist.all_reduce(
+                        self.flat,
+                        op=_REDUCE_OPS[op],
+                        group=mesh.get_group(axis),
+                    )
+                if op == "avg":
+                    self.flat /= mesh.size(axis)
+        results, offset = {}, 0
+        for grad, version in zip(self.grads, self.versions):
+            local = _local(grad)
+            reduced = self.flat[offset : offset + local.numel()]
+            offset += local.numel()
+            placements = [
+                Replicate() if p.is_partial() else p for p in grad.placements
+            ]
+            results[id(grad)] = (
+                grad,
+                version,
+                DTensor.from_local(
+                    reduced.view(local.shape),
+                    mesh,
+                    placements,
+                    run_check=False,
+                    shape=grad.shape,
+                    stride=grad.stride(),
+                ),
+            )
+        return results
+
+
+_filling = {}
+_in_flight = []
+
+
+def _on_gradient_ready(parameter):
+    grad = parameter.grad
+    key = _reduction_key(grad)
+    if key is None:
+        return
+    bucket = _filling.setdefault(key, _Bucket(key))
+    bucket.add(grad)
+    if bucket.nbytes >= _BUCKET_BYTES:
+        del _filling[key]
+        _in_flight.append(bucket.start(async_op=True))
+
+
+def watch(parameter):
+    """Start reducing `parameter`'s gradients during backward."""
+    parameter.register_post_accumulate_grad_hook(_on_gradient_ready)
+
+
 def reduce_gradients(grads):
-    """Reduce every `Partial` gradient, one all-reduce per bucket and axis.
+    """Reduce every `Partial` gradient exactly once; see the module doc.
 
     Args:
         grads: List of gradients (tensors, DTensors or None).
@@ -44,44 +156,33 @@ def reduce_gradients(grads):
     Returns:
         A list of the same length where no DTensor is `Partial` any more.
     """
-    buckets = {}
+    for bucket in _filling.values():
+        _in_flight.append(bucket.start(async_op=True))
+    _filling.clear()
+    reduced = {}
+    for bucket in _in_flight:
+        reduced.update(bucket.finish())
+    _in_flight.clear()
+
+    grads = list(grads)
+    leftovers = {}
     for index, grad in enumerate(grads):
+        entry = reduced.get(id(grad))
+        if (
+            entry is not None
+            and entry[0] is grad
+            and entry[1] == _local(grad)._version
+        ):
+            grads[index] = entry[2]
+            continue
         key = _reduction_key(grad)
         if key is not None:
-            buckets.setdefault(key, []).append(index)
-    if not buckets:
-        return grads
-    grads = list(grads)
-    with torch.no_grad():
-        for (mesh, axes, ops, _, _), indices in buckets.items():
-            locals_ = [grads[i].to_local() for i in indices]
-            flat = torch.cat([t.reshape(-1) for t in locals_])
-            for axis, op in zip(axes, ops):
-                if op not in _REDUCE_OPS:
-                    raise ValueError(
-                        f"Cannot reduce a gradient that is Partial({op!r}). "
-                        f"Supported reductions: {sorted(_REDUCE_OPS)}."
-                    )
-                dist.all_reduce(
-                    flat, op=_REDUCE_OPS[op], group=mesh.get_group(axis)
-                )
-                if op == "avg":
-                    flat /= mesh.size(axis)
-            offset = 0
-            for i, local in zip(indices, locals_):
-                grad = grads[i]
-                reduced = flat[offset : offset + local.numel()]
-                offset += local.numel()
-                placements = [
-                    Replicate() if p.is_partial() else p
-                    for p in grad.placements
-                ]
-                grads[i] = DTensor.from_local(
-                    reduced.view(local.shape),
-                    mesh,
-                    placements,
-                    run_check=False,
-                    shape=grad.shape,
-                    stride=grad.stride(),
-                )
+            leftovers.setdefault(key, []).append(index)
+    for key, indices in leftovers.items():
+        bucket = _Bucket(key)
+        for index in indices:
+            bucket.add(grads[index])
+        results = bucket.start(async_op=False).finish()
+        for index in indices:
+            grads[index] = results[id(grads[index])][2]
     return grads

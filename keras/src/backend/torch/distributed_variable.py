@@ -58,7 +58,12 @@ def new_parameter(variable, value, device):
     requires_grad = bool(variable.trainable) and (
         value.is_floating_point() or value.is_complex()
     )
-    return torch.nn.Parameter(value, requires_grad=requires_grad)
+    parameter = torch.nn.Parameter(value, requires_grad=requires_grad)
+    if layout is not None and requires_grad:
+        from keras.src.backend.torch import distributed_gradients
+
+        distributed_gradients.watch(parameter)
+    return parameter
 
 
 def value_to_assign(current, value):
