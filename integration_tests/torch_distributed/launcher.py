@@ -23,7 +23,7 @@ class LaunchError(AssertionError):
     """A launched run failed, hung, or left no results."""
 
 
-def _environment(results_dir):
+def _environment(results_dir, extra_env=None):
     env = dict(os.environ)
     env.update(
         KERAS_BACKEND="torch",
@@ -37,14 +37,15 @@ def _environment(results_dir):
     )
     # Never let the repository's own `keras/` folder shadow the install.
     env.pop("PYTHONPATH", None)
+    env.update(extra_env or {})
     return env
 
 
-def _run(command, results_dir, timeout):
+def _run(command, results_dir, timeout, extra_env=None):
     process = subprocess.Popen(
         command,
         cwd=results_dir,
-        env=_environment(results_dir),
+        env=_environment(results_dir, extra_env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -69,6 +70,7 @@ def run_workers(
     args=(),
     timeout=DEFAULT_TIMEOUT,
     expect_success=True,
+    env=None,
 ):
     """Run `workers/<script>` under torchrun on `nproc` ranks.
 
@@ -79,6 +81,7 @@ def run_workers(
         args: Extra command-line arguments for the worker.
         timeout: Seconds before the whole process group is killed.
         expect_success: If True, a non-zero exit raises `LaunchError`.
+        env: Extra environment variables for every rank.
 
     Returns:
         `(returncode, output, results)` where `results` is a list with one
@@ -97,7 +100,7 @@ def run_workers(
         str(WORKERS / script),
         *args,
     ]
-    returncode, output = _run(command, results_dir, timeout)
+    returncode, output = _run(command, results_dir, timeout, env)
     if expect_success and returncode != 0:
         raise LaunchError(
             f"{script} on {nproc} ranks exited with {returncode}.\n"

@@ -13,6 +13,7 @@ SCENARIOS = [
     "distributed_sampler",
     "generator",
     "custom_loop",
+    "accumulate",
 ]
 # A bias followed by BatchNormalization has a gradient of exactly zero (the
 # normalization removes any shift), so both runs hold rounding noise there,
@@ -23,8 +24,14 @@ NOISE = "weight:hidden/bias"
 def test_every_input_matches_single_process(tmp_path):
     args = ["--init", str(tmp_path / "init")]
     reference = launcher.run_reference("data_parallel.py", tmp_path, args)
+    # Buckets of 0 MB: every gradient's all-reduce starts during backward,
+    # so the reuse rules of those early reductions are exercised.
     _, output, results = launcher.run_workers(
-        "data_parallel.py", 2, tmp_path, args=args
+        "data_parallel.py",
+        2,
+        tmp_path,
+        args=args,
+        env={"KERAS_TORCH_GRADIENT_BUCKET_MB": "0"},
     )
     for name in SCENARIOS:
         prefix = f"{name}/"

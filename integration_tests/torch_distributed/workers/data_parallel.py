@@ -222,6 +222,42 @@ def custom_loop(init, x, y, weights):
     return model, {"loss": np.array(losses)}, [], None
 
 
+@scenario
+def accumulate(init, x, y, weights):
+    # Gradient accumulation: two backward passes (two global micro-batches)
+    # before each `optimizer.apply`, then the sum halved in place. The
+    # reductions started during backward are stale by then: they must not
+    # be used.
+    model = make_model(init)
+    optimizer = keras.optimizers.SGD(0.05)
+    loss_fn = keras.losses.BinaryCrossentropy()
+    distribution = keras.distribution.distribution()
+
+    def shard(t):
+        t = torch.as_tensor(t)
+        if distribution is None:
+            return t
+        layout = distribution.get_data_layout(t.shape)
+        return keras.distribution.distribute_tensor(t, layout)
+
+    losses = []
+    for start in range(0, 96, 2 * BATCH):
+        model.zero_grad()
+        for micro in (start, start + BATCH):
+            rows = slice(micro, micro + BATCH)
+            batch = {k: shard(v[rows]) for k, v in x.items()}
+            loss = loss_fn(shard(y[rows][:, None]), model(batch))
+            loss.backward()
+            losses.append(keras.ops.convert_to_numpy(loss))
+        variables = model.trainable_variables
+        grads = [v.value.grad for v in variables]
+        with torch.no_grad():
+            for grad in grads:
+                grad.mul_(0.5)
+        optimizer.apply(grads, variables)
+    return model, {"loss": np.array(losses)}, [], None
+
+
 def main():
     args = common.parse_args(
         {"--only": {"default": None}, "--reference-ranks": {"default": "2"}}

@@ -9,22 +9,37 @@ flat buckets, each reduced with one all-reduce per mesh axis, as DDP does.
 
 NOTE [overlap]: distributed parameters are watched (`watch`): as backward
 accumulates their gradients, they fill buckets, and a bucket whose size
-reaches `_BUCKET_BYTES` starts its all-reduce at once, asynchronously, while
-backward goes on. `reduce_gradients` (called by the optimizer's `apply`)
-starts the last buckets, waits for all, and uses a result only for the very
-gradient tensor it was computed from, unchanged since (same object, same
-version). Any other `Partial` gradient (accumulated again, edited, or never
-watched) is reduced there, synchronously, in buckets. Every rank runs the
-same graph, so buckets form identically on every rank.
+reaches KERAS_TORCH_GRADIENT_BUCKET_MB (default 4) starts its all-reduce at
+once, asynchronously, while backward goes on. `reduce_gradients` (called by
+the optimizer's `apply`) starts the last buckets, waits for all, and uses a
+result only for the very gradient tensor it was computed from, unchanged
+since (same object, same version). Any other `Partial` gradient (edited
+since, or never watched) is reduced there, synchronously, in buckets. Every
+rank runs the same graph, so buckets form identically on every rank.
 """
+
+import os
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate
 
-# Buckets start their all-reduce once they hold this many bytes.
-_BUCKET_BYTES = 4 * 2**20
+# Buckets start their all-reduce once they hold this many megabytes.
+BUCKET_MB_ENV = "KERAS_TORCH_GRADIENT_BUCKET_MB"
+_DEFAULT_BUCKET_MB = 4.0
+
+
+def _bucket_bytes():
+    value = os.environ.get(BUCKET_MB_ENV, _DEFAULT_BUCKET_MB)
+    try:
+        return float(value) * 2**20
+    except ValueError:
+        raise ValueError(
+            f"{BUCKET_MB_ENV} must be a number of megabytes. Received: "
+            f"{BUCKET_MB_ENV}={value!r}"
+        )
+
 
 _REDUCE_OPS = {
     "sum": dist.ReduceOp.SUM,
@@ -64,7 +79,9 @@ class _Bucket:
 
     def add(self, grad):
         self.grads.append(grad)
-        self.versions.append(_local(grad)._version)
+        # The DTensor's own version: in-place ops on it bump it, not its
+        # local tensor's.
+        self.versions.append(grad._version)
         self.nbytes += _local(grad).numel() * _local(grad).element_size()
 
     def start(self, async_op):
@@ -137,7 +154,7 @@ def _on_gradient_ready(parameter):
         return
     bucket = _filling.setdefault(key, _Bucket(key))
     bucket.add(grad)
-    if bucket.nbytes >= _BUCKET_BYTES:
+    if bucket.nbytes >= _bucket_bytes():
         del _filling[key]
         _in_flight.append(bucket.start(async_op=True))
 
@@ -168,11 +185,7 @@ def reduce_gradients(grads):
     leftovers = {}
     for index, grad in enumerate(grads):
         entry = reduced.get(id(grad))
-        if (
-            entry is not None
-            and entry[0] is grad
-            and entry[1] == _local(grad)._version
-        ):
+        if entry is not None and entry[0] is grad and entry[1] == grad._version:
             grads[index] = entry[2]
             continue
         key = _reduction_key(grad)
