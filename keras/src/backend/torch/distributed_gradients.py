@@ -173,6 +173,12 @@ def reduce_gradients(grads):
     Returns:
         A list of the same length where no DTensor is `Partial` any more.
     """
+    if not (_filling or _in_flight) and not any(
+        isinstance(grad, DTensor) for grad in grads
+    ):
+        # Nothing distributed: return before any bookkeeping, which would
+        # make torch.compile guard on every gradient and recompile.
+        return grads
     for bucket in _filling.values():
         _in_flight.append(bucket.start(async_op=True))
     _filling.clear()
