@@ -132,6 +132,10 @@ def build_command(argv):
         os.devnull,
         "--rootdir",
         _keras_parent(),
+        # Nor a conftest.py above it, e.g. this repository's when the
+        # virtual environment lives inside the checkout (.venv/).
+        "--confcutdir",
+        _keras_parent(),
         "-q",
         "-rfE",
         "--disable-warnings",
