@@ -34,7 +34,11 @@ class CustomBuildHook(BuildHookInterface):
             assemble.assemble(out_dir, root, mode="editable")
             return
         self._temporary = tempfile.mkdtemp(prefix="keras-fork-")
-        assemble.assemble(self._temporary, root, mode="wheel")
+        try:
+            assemble.assemble(self._temporary, root, mode="wheel")
+        except BaseException:
+            shutil.rmtree(self._temporary, ignore_errors=True)
+            raise
         build_data["force_include"][str(Path(self._temporary) / "keras")] = (
             "keras"
         )

@@ -34,7 +34,7 @@ def read_series(repo_root):
     if not series.exists():
         return []
     names = []
-    for line in series.read_text().splitlines():
+    for line in series.read_text(encoding="utf-8").splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             names.append(Path(repo_root) / "patches" / line)
@@ -100,9 +100,8 @@ def assemble(out_dir, repo_root, mode="wheel", upstream=None):
 
     patches = read_series(repo_root)
     for patch_path in patches:
-        for file_patch in patch_apply.parse(
-            patch_path.read_text(), patch_path.name
-        ):
+        patch_text = patch_path.read_bytes().decode("utf-8")
+        for file_patch in patch_apply.parse(patch_text, patch_path.name):
             if file_patch.path not in files:
                 raise AssemblyError(
                     f"{patch_path.name} changes {file_patch.path}, which is "
@@ -128,6 +127,8 @@ def assemble(out_dir, repo_root, mode="wheel", upstream=None):
     manifest = {
         "fork_version": upstream_lib.FORK_VERSION,
         "upstream": f"{upstream_lib.UPSTREAM_NAME}=={upstream.version}",
+        "upstream_name": upstream_lib.UPSTREAM_NAME,
+        "upstream_version": upstream.version,
         "upstream_sha256": upstream.hashes,
         "patches": [p.name for p in patches],
         "overlay": overlay,

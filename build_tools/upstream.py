@@ -32,6 +32,36 @@ def _record_hash_to_hex(value):
     return base64.urlsafe_b64decode(padded).hex()
 
 
+def record_hashes(distribution):
+    """Map `keras/...` paths of a distribution's RECORD to hex sha256.
+
+    Skips `__pycache__`, `.pyc` files and the `.dist-info` folder.
+
+    Args:
+        distribution: An `importlib.metadata.Distribution` (or anything with
+            its `read_text`).
+
+    Returns:
+        A dict of relative path to hex sha256.
+    """
+    text = distribution.read_text("RECORD")
+    if text is None:
+        raise UpstreamError("The upstream keras install has no RECORD.")
+    hashes = {}
+    for row in csv.reader(text.splitlines()):
+        if len(row) < 2 or not row[1]:
+            continue
+        path = row[0]
+        if not path.startswith(f"{UPSTREAM_NAME}/"):
+            continue
+        if "__pycache__" in path or path.endswith((".pyc", ".pyo")):
+            continue
+        hashes[path] = _record_hash_to_hex(row[1])
+    if not hashes:
+        raise UpstreamError("The upstream RECORD lists no keras files.")
+    return hashes
+
+
 class Upstream:
     """The files of an installed upstream Keras distribution.
 
@@ -65,25 +95,7 @@ class Upstream:
             )
         self.version = version
         self._distribution = distribution
-        self.hashes = self._read_record()
-
-    def _read_record(self):
-        text = self._distribution.read_text("RECORD")
-        if text is None:
-            raise UpstreamError("The upstream keras install has no RECORD.")
-        hashes = {}
-        for row in csv.reader(text.splitlines()):
-            if len(row) < 2 or not row[1]:
-                continue
-            path = row[0]
-            if not path.startswith(f"{UPSTREAM_NAME}/"):
-                continue
-            if "__pycache__" in path or path.endswith(".pyc"):
-                continue
-            hashes[path] = _record_hash_to_hex(row[1])
-        if not hashes:
-            raise UpstreamError("The upstream RECORD lists no keras files.")
-        return hashes
+        self.hashes = record_hashes(distribution)
 
     def paths(self):
         """Relative paths (`keras/...`) of every upstream file, sorted."""
@@ -94,7 +106,14 @@ class Upstream:
         expected = self.hashes.get(path)
         if expected is None:
             raise UpstreamError(f"{path} is not a file of upstream keras.")
-        data = Path(self._distribution.locate_file(path)).read_bytes()
+        try:
+            data = Path(self._distribution.locate_file(path)).read_bytes()
+        except OSError as error:
+            raise UpstreamError(
+                f"{path}, listed in upstream keras {self.version}'s RECORD, "
+                f"cannot be read ({error}). Reinstall keras=="
+                f"{UPSTREAM_VERSION}."
+            ) from None
         actual = sha256_hex(data)
         if actual != expected:
             raise UpstreamError(
