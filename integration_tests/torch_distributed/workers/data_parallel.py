@@ -190,6 +190,16 @@ def generator(init, x, y, weights):
     return model, history.history, evaluation, None
 
 
+def shard_global_batch(tensor):
+    """Shard a global batch over the batch axis, as a custom loop does."""
+    tensor = torch.as_tensor(tensor)
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return tensor
+    layout = distribution.get_data_layout(tensor.shape)
+    return keras.distribution.distribute_tensor(tensor, layout)
+
+
 @scenario
 def custom_loop(init, x, y, weights):
     # A loop written with keras.ops and optimizer.apply; the global batch
@@ -197,22 +207,11 @@ def custom_loop(init, x, y, weights):
     model = make_model(init)
     optimizer = keras.optimizers.SGD(0.05)
     loss_fn = keras.losses.BinaryCrossentropy()
-    distribution = keras.distribution.distribution()
     losses = []
     for start in range(0, SAMPLES, BATCH):
         rows = slice(start, start + BATCH)
-        batch = {k: torch.as_tensor(v[rows]) for k, v in x.items()}
-        target = torch.as_tensor(y[rows][:, None])
-        if distribution is not None:
-            batch, target = [
-                keras.tree.map_structure(
-                    lambda t: keras.distribution.distribute_tensor(
-                        t, distribution.get_data_layout(t.shape)
-                    ),
-                    item,
-                )
-                for item in (batch, target)
-            ]
+        batch = {k: shard_global_batch(v[rows]) for k, v in x.items()}
+        target = shard_global_batch(y[rows][:, None])
         loss = loss_fn(target, model(batch, training=True))
         model.zero_grad()
         loss.backward()
@@ -231,22 +230,13 @@ def accumulate(init, x, y, weights):
     model = make_model(init)
     optimizer = keras.optimizers.SGD(0.05)
     loss_fn = keras.losses.BinaryCrossentropy()
-    distribution = keras.distribution.distribution()
-
-    def shard(t):
-        t = torch.as_tensor(t)
-        if distribution is None:
-            return t
-        layout = distribution.get_data_layout(t.shape)
-        return keras.distribution.distribute_tensor(t, layout)
-
     losses = []
     for start in range(0, 96, 2 * BATCH):
         model.zero_grad()
         for micro in (start, start + BATCH):
             rows = slice(micro, micro + BATCH)
-            batch = {k: shard(v[rows]) for k, v in x.items()}
-            loss = loss_fn(shard(y[rows][:, None]), model(batch))
+            batch = {k: shard_global_batch(v[rows]) for k, v in x.items()}
+            loss = loss_fn(shard_global_batch(y[rows][:, None]), model(batch))
             loss.backward()
             losses.append(keras.ops.convert_to_numpy(loss))
         variables = model.trainable_variables

@@ -153,14 +153,8 @@ def from_process_local(local, layout, batch_dim_name):
     if counts == chunk_sizes(total, parts):
         placements = list(layout.placements)
         placements[batch_axis] = Shard(0)
-        shape = (total, *local.shape[1:])
-        return DTensor.from_local(
-            local,
-            mesh,
-            placements,
-            run_check=False,
-            shape=torch.Size(shape),
-            stride=dtensor_utils.contiguous_stride(shape),
+        return dtensor_utils.from_local_with_shape(
+            local, mesh, placements, (total, *local.shape[1:])
         )
     # Sizes that do not follow DTensor's split: gather every row, then keep
     # this rank's slice of the global batch.

@@ -101,13 +101,8 @@ def _convolution(func, input, weight, bias=None, *args, **kwargs):
         Shard(0) if i.is_shard() else Shard(1) if w.is_shard() else Replicate()
         for i, w in zip(input_placements, weight_placements)
     ]
-    return DTensor.from_local(
-        output,
-        mesh,
-        output_placements,
-        run_check=False,
-        shape=torch.Size(shape),
-        stride=dtensor_utils.contiguous_stride(shape),
+    return dtensor_utils.from_local_with_shape(
+        output, mesh, output_placements, shape
     )
 
 

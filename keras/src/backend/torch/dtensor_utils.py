@@ -47,3 +47,29 @@ def contiguous_stride(shape):
         stride.append(running)
         running *= max(size, 1)
     return tuple(reversed(stride))
+
+
+def from_local_with_shape(local, device_mesh, placements, shape):
+    """`DTensor.from_local` for shards that may be uneven.
+
+    DTensor infers the global shape from the local one, assuming even
+    shards; when they are not (a last batch of 3 rows on 2 ranks), the
+    global shape and stride must be given.
+
+    Args:
+        local: This rank's shard.
+        device_mesh: The torch `DeviceMesh`.
+        placements: One placement per mesh axis.
+        shape: The global shape.
+
+    Returns:
+        The DTensor.
+    """
+    return DTensor.from_local(
+        local,
+        device_mesh,
+        placements,
+        run_check=False,
+        shape=torch.Size(shape),
+        stride=contiguous_stride(shape),
+    )
