@@ -8,6 +8,14 @@ from integration_tests.torch_distributed import parity
 SHARDED = {"hidden/kernel": 1, "hidden/bias": 0, "out/kernel": 0}
 
 
+# The standard deviation each initializer gives the (256, 512) kernels.
+WIDE_STDDEV = {
+    "glorot_uniform": np.sqrt(2 / (256 + 512)),
+    "he_normal": np.sqrt(2 / 256),
+    "random_normal": 0.05,
+}
+
+
 def test_variables_shards_and_replicas(tmp_path):
     _, _, results = launcher.run_workers("variables.py", 2, tmp_path)
     rank0_draw = results[0]
@@ -16,9 +24,6 @@ def test_variables_shards_and_replicas(tmp_path):
         assert len(paths) == 8, paths  # 2 kernels, 2 biases, 4 BN vars.
         for path in paths:
             full, local = result[f"full:{path}"], result[f"local:{path}"]
-            # Every rank ends up with rank 0's draw, although each rank
-            # seeded its generator differently.
-            np.testing.assert_array_equal(full, rank0_draw[f"drawn:{path}"])
             if path in SHARDED:
                 dim = SHARDED[path]
                 assert local.shape[dim] == full.shape[dim] // 2, path
@@ -28,6 +33,9 @@ def test_variables_shards_and_replicas(tmp_path):
                 )
                 np.testing.assert_array_equal(local, expected)
             else:
+                # Every rank ends up with rank 0's draw, although each rank
+                # seeded its generator differently.
+                np.testing.assert_array_equal(full, rank0_draw[f"drawn:{path}"])
                 np.testing.assert_array_equal(local, full)
         assert bool(result["requires_grad:hidden/kernel"])
         assert not bool(result["requires_grad:bn/moving_mean"])
@@ -35,4 +43,35 @@ def test_variables_shards_and_replicas(tmp_path):
         assert int(result["iterations"]) == 2
         assert not bool(result["iterations_requires_grad"])
         assert not bool(result["int_trainable_requires_grad"])
-    parity.assert_same_on_every_rank(results, ["full:"])
+    parity.assert_same_on_every_rank(results, ["full:", "wide:", "replicated"])
+
+
+def test_sharded_variables_are_drawn_shard_by_shard(tmp_path):
+    """No rank ever holds a sharded variable in full, even to initialize it.
+
+    Each rank draws its own shard, with the full variable's distribution
+    (a variance-scaling initializer uses the full shape's fans) and a seed of
+    its own, so the two halves are independent draws.
+    """
+    _, _, results = launcher.run_workers("variables.py", 2, tmp_path)
+    for result in results:
+        for initializer, stddev in WIDE_STDDEV.items():
+            full = result[f"wide:{initializer}"]
+            local_numel = int(result[f"local_numel:{initializer}"])
+            assert full.shape == (256, 512)
+            assert local_numel == full.size // 2
+            largest = int(result[f"largest:{initializer}"])
+            if initializer == "he_normal":
+                # Keras's truncated normal draws 4 candidates per element
+                # (one process draws 4x the full variable).
+                assert largest <= 4 * local_numel, largest
+            else:
+                assert largest <= local_numel, (initializer, largest)
+            left, right = full[:, :256], full[:, 256:]
+            assert not np.allclose(left, right), initializer
+            for half in (left, right):
+                # 65536 draws: the sample deviation is within 2% of the
+                # true one with overwhelming probability; the fans of the
+                # half shape would give 22% more for glorot, 41% for he.
+                assert abs(half.std() / stddev - 1) < 0.02, initializer
+                assert abs(half.mean()) < 0.02 * stddev * 10, initializer

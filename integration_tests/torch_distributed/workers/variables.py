@@ -1,15 +1,50 @@
 """Variables under ModelParallel: shards, gathered values, replication.
 
-Each rank seeds its generator differently on purpose: rank 0's draw must be
-the one every rank ends up with.
+Each rank seeds its generator differently on purpose: replicated variables
+must still end up with rank 0's draw, and sharded ones with shards drawn
+from rank 0's seed.
 """
 
 import common
 import models
 import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import keras
 from keras.src.backend.torch import dtensor_utils
+
+
+class LargestTensor(TorchDispatchMode):
+    """Record the most elements of any tensor an op creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if dtensor_utils.is_dtensor(t):
+                # A DTensor's memory is its local shard.
+                t = t.to_local()
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def wide_layers(results):
+    """Build wide Dense layers and record the largest tensor made."""
+    for initializer in ["glorot_uniform", "he_normal", "random_normal"]:
+        layer = keras.layers.Dense(
+            512, kernel_initializer=initializer, name=f"wide_{initializer}"
+        )
+        with LargestTensor() as mode:
+            layer.build((None, 256))
+        kernel = layer.kernel.value
+        results[f"largest:{initializer}"] = mode.numel
+        results[f"local_numel:{initializer}"] = kernel.to_local().numel()
+        results[f"wide:{initializer}"] = keras.ops.convert_to_numpy(kernel)
 
 
 def main():
@@ -20,12 +55,19 @@ def main():
     drawn = {v.path: keras.ops.convert_to_numpy(v) for v in plain.weights}
 
     mesh = keras.distribution.DeviceMesh((1, n), ["batch", "model"])
+    layout_map = models.mlp_layout_map(mesh)
+    layout_map["wide_.*/kernel"] = (None, "model")
     keras.distribution.set_distribution(
-        keras.distribution.ModelParallel(layout_map=models.mlp_layout_map(mesh))
+        keras.distribution.ModelParallel(layout_map=layout_map)
     )
     keras.utils.set_random_seed(1000 + common.RANK)
     model = models.mlp()
     results = {}
+    wide_layers(results)
+    replicated = keras.Variable(
+        initializer="glorot_uniform", shape=(6, 4), name="replicated"
+    )
+    results["replicated"] = keras.ops.convert_to_numpy(replicated)
     for v in model.weights:
         value = v.value
         assert dtensor_utils.is_dtensor(value), v.path

@@ -2,8 +2,12 @@
 
 Under a distribution whose mesh has more than one device, every variable is
 a DTensor with the layout the distribution gives it (`LayoutMap` entry, or
-replicated). Each rank holds only its shard. Rank 0's initial value is the
-one kept, so replicated variables are identical on every rank.
+replicated). Each rank holds only its shard:
+
+- a sharded variable created from an initializer is drawn shard by shard
+  (`shard_initializers`), so it never exists in full on any rank;
+- otherwise rank 0's full initial value is the one kept (broadcast or
+  scattered), so replicated variables are identical on every rank.
 """
 
 import math
@@ -29,12 +33,26 @@ def _variable_layout(variable):
     return layout
 
 
-def new_parameter(variable, value, device):
-    """Return the `torch.nn.Parameter` holding a new variable's value.
+def _as_parameter(variable, value, distributed):
+    """Wrap a variable's value (tensor or DTensor) as a `Parameter`.
 
     Only floating point and complex variables that are trainable require
     gradients: integer variables (the optimizer's `iterations`, seeds,
     counters) cannot, and are plain non-trainable parameters.
+    """
+    requires_grad = bool(variable.trainable) and (
+        value.is_floating_point() or value.is_complex()
+    )
+    parameter = torch.nn.Parameter(value, requires_grad=requires_grad)
+    if distributed and requires_grad:
+        from keras.src.backend.torch import distributed_gradients
+
+        distributed_gradients.watch(parameter)
+    return parameter
+
+
+def new_parameter(variable, value, device):
+    """Return the `torch.nn.Parameter` holding a new variable's value.
 
     Args:
         variable: The Keras `Variable` being initialized.
@@ -55,15 +73,54 @@ def new_parameter(variable, value, device):
         value = distribution_lib._distribute_variable(
             value, layout, f"variable '{variable.path}'"
         )
-    requires_grad = bool(variable.trainable) and (
-        value.is_floating_point() or value.is_complex()
-    )
-    parameter = torch.nn.Parameter(value, requires_grad=requires_grad)
-    if layout is not None and requires_grad:
-        from keras.src.backend.torch import distributed_gradients
+    return _as_parameter(variable, value, layout is not None)
 
-        distributed_gradients.watch(parameter)
-    return parameter
+
+def parameter_from_initializer(variable, initializer, device):
+    """Return the `torch.nn.Parameter` of a variable with an initializer.
+
+    A sharded variable whose initializer draws elementwise is drawn shard
+    by shard on each rank; every other variable is drawn in full and
+    handed to `new_parameter`.
+
+    Args:
+        variable: The Keras `Variable` being initialized; its shape and
+            dtype are set.
+        initializer: A callable `(shape, dtype) -> value`.
+        device: The torch device the value belongs on.
+
+    Returns:
+        A `torch.nn.Parameter`, wrapping a DTensor when distributed.
+    """
+    # Imported here: it imports keras initializers, which import `core`.
+    from keras.src.backend.torch import shard_initializers
+
+    layout = _variable_layout(variable)
+    if layout is not None and shard_initializers.draws_by_shard(initializer):
+        from keras.src.backend.torch import distribution_lib
+
+        name = f"variable '{variable.path}'"
+        dtensor_layout = distribution_lib._as_dtensor_layout(layout)
+        if not dtensor_layout.is_fully_replicated:
+            distribution_lib._check_divisible(
+                variable._shape, dtensor_layout, name
+            )
+            distribution_lib._mark_dtensors_in_use()
+            mesh = dtensor_layout.device_mesh
+            placements = dtensor_layout.placements
+            local = shard_initializers.draw_local_shard(
+                initializer, variable._shape, variable._dtype, mesh, placements
+            )
+            local = variable._convert_to_tensor(local, dtype=variable._dtype)
+            value = dtensor_utils.from_local_with_shape(
+                local.to(device), mesh, placements, variable._shape
+            )
+            return _as_parameter(variable, value, True)
+    value = variable._convert_to_tensor(
+        initializer(variable._shape, dtype=variable._dtype),
+        dtype=variable._dtype,
+    )
+    return new_parameter(variable, value, device)
 
 
 def value_to_assign(current, value):
