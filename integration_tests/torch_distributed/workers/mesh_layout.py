@@ -43,21 +43,28 @@ def main():
     grid = DeviceMesh(shape, ["batch", "model"], devices)
     torch_grid = grid.backend_mesh
     assert torch_grid is not torch_flat
-    assert tuple(torch_grid.mesh.shape) == shape
-    assert torch_grid.mesh_dim_names == ("batch", "model")
-    # Every rank agrees on the groups: a sum over the model axis.
-    rank = torch.tensor([dist.get_rank()])
-    dist.all_reduce(rank, group=torch_grid.get_group("model"))
-    model_peers = torch_grid.mesh[torch_grid.get_coordinate()[0]].tolist()
-    assert rank.item() == sum(model_peers), (rank, model_peers)
+    # Axes of size 1 shard nothing and are left out of the torch mesh.
+    kept = [i for i, size in enumerate(shape) if size > 1]
+    names = ("batch", "model")
+    assert tuple(torch_grid.mesh.shape) == tuple(shape[i] for i in kept)
+    assert torch_grid.mesh_dim_names == tuple(names[i] for i in kept)
+    if shape[1] > 1:
+        # Every rank agrees on the groups: a sum over the model axis.
+        rank = torch.tensor([dist.get_rank()])
+        dist.all_reduce(rank, group=torch_grid.get_group("model"))
+        row = dist.get_rank() // shape[1]
+        model_peers = range(row * shape[1], (row + 1) * shape[1])
+        assert rank.item() == sum(model_peers), (rank, list(model_peers))
 
     placements = {
         "kernel": TensorLayout((None, "model"), grid).backend_layout,
         "batch": TensorLayout(("batch", None), grid).backend_layout,
         "replicated": TensorLayout((None, None), grid).backend_layout,
     }
-    assert placements["kernel"].placements == (Replicate(), Shard(1))
-    assert placements["batch"].placements == (Shard(0), Replicate())
+    kernel = (Replicate(), Shard(1))
+    batch = (Shard(0), Replicate())
+    assert placements["kernel"].placements == tuple(kernel[i] for i in kept)
+    assert placements["batch"].placements == tuple(batch[i] for i in kept)
     assert placements["replicated"].is_fully_replicated
 
     # Errors, raised on every rank with both values in the message.

@@ -136,15 +136,17 @@ def from_process_local(local, layout, batch_dim_name):
     """
     mesh = layout.device_mesh
     names = list(mesh.mesh_dim_names)
+    local = torch.as_tensor(local)
     if batch_dim_name not in names:
-        raise ValueError(
-            f"Unknown batch axis {batch_dim_name!r}: the mesh's axes are "
-            f"{names}."
+        # A batch axis of size 1 is not in the torch mesh (see NOTE
+        # [size-1 axes] in `distribution_lib`): every rank holds the whole
+        # batch.
+        return distribute_tensor(
+            local, mesh, layout.placements, src_data_rank=None
         )
     batch_axis = names.index(batch_dim_name)
     group = mesh.get_group(batch_axis)
     parts = mesh.size(batch_axis)
-    local = torch.as_tensor(local)
     count = torch.tensor([local.shape[0]], device=local.device)
     counts = [torch.zeros_like(count) for _ in range(parts)]
     dist.all_gather(counts, count, group=group)

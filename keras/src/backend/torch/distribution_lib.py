@@ -269,13 +269,32 @@ def _to_backend_mesh(device_mesh):
     mesh = _MESH_CACHE.get(key)
     if mesh is None:
         process_group.ensure_process_group()
+        kept = _kept_axes(device_mesh)
         mesh = TorchDeviceMesh(
             "cuda" if device_type == "gpu" else "cpu",
-            torch.as_tensor(ranks),
-            mesh_dim_names=tuple(device_mesh.axis_names),
+            torch.as_tensor(ranks).reshape(
+                tuple(device_mesh.shape[i] for i in kept)
+            ),
+            mesh_dim_names=tuple(device_mesh.axis_names[i] for i in kept),
         )
         _MESH_CACHE[key] = mesh
     return mesh
+
+
+def _kept_axes(device_mesh):
+    """The positions of the mesh axes the torch mesh keeps.
+
+    NOTE [size-1 axes]: an axis of size 1 shards nothing, so the torch mesh
+    leaves it out: a `(1, N)` keras mesh becomes a 1-D torch mesh over the
+    other axis. On such an axis every value would carry a placement that
+    means nothing (the batch "sharded" into one piece, gradients "partial"
+    over one rank), which costs a no-op collective per bucket and steers
+    DTensor's sharding choices away from the ones tensor parallelism uses
+    (gathering activations instead of keeping gradients sharded). Layouts
+    may still name the axis: its dimension is simply not split.
+    """
+    kept = [i for i, size in enumerate(device_mesh.shape) if size > 1]
+    return kept or list(range(len(device_mesh.shape)))
 
 
 def _placements_for(axes, axis_names, tensor_layout):
@@ -316,10 +335,11 @@ def _to_backend_layout(tensor_layout):
             f"{tensor_layout}. Set `device_mesh=` or build it through a "
             "`LayoutMap`."
         )
-    axis_names = tuple(tensor_layout.device_mesh.axis_names)
+    device_mesh = tensor_layout.device_mesh
+    axis_names = tuple(device_mesh.axis_names)
     placements = _placements_for(tensor_layout.axes, axis_names, tensor_layout)
-    mesh = tensor_layout.device_mesh.backend_mesh
-    return DTensorLayout(mesh, placements)
+    placements = tuple(placements[i] for i in _kept_axes(device_mesh))
+    return DTensorLayout(device_mesh.backend_mesh, placements)
 
 
 def _as_dtensor_layout(layout):

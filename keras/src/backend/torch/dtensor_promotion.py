@@ -26,6 +26,19 @@ for at all (e.g. `repeat_interleave` with tensor repeats, which metrics
 use): their DTensor arguments are made replicated and the op runs on the
 local values, giving a replicated result (`dtensor_rules.run_replicated`).
 
+NOTE [partial results]: an op whose result is `Partial` over a model axis
+(a matmul over a sharded contraction dimension) has it reduced right away,
+as tensor parallelism does at the output of a row-parallel layer. Left
+`Partial`, the value would be reduced implicitly inside the next op, whose
+backward then reuses the `Partial` input: gradients upstream come out
+`Partial` and full-size instead of sharded (a row-parallel kernel's
+gradient would be all of the kernel on every rank). Reducing it with an
+explicit redistribution costs the same all-reduce, and its backward keeps
+the gradient replicated. `Partial` over the batch axis is left to DTensor
+and `distributed_gradients`, which reduces parameter gradients in buckets.
+Attribute reads (a parameter's gradient) and in-place ops keep their
+result as is.
+
 The mode is thread-local, like every torch function mode: DTensor
 computation must run on the thread that created the first DTensor (Keras's
 training loops do).
@@ -77,6 +90,64 @@ def _promote(arg, mesh, placements):
     return arg
 
 
+def _keeps_partial(func):
+    name = getattr(func, "__name__", "")
+    return name == "__get__" or (name.endswith("_") and name != "__")
+
+
+def _reduce_partial(x, keep=()):
+    """Reduce the `Partial` placements of a DTensor, except on `keep` axes."""
+    placements = x.placements
+    if not any(p.is_partial() for p in placements):
+        return x
+    target = [
+        Replicate() if p.is_partial() and axis not in keep else p
+        for axis, p in enumerate(placements)
+    ]
+    if target == list(placements):
+        return x
+    return x.redistribute(x.device_mesh, target)
+
+
+def _batch_axes(mesh):
+    """Mesh axes over which the batch is sharded (gradients reduced later)."""
+    from keras.src.distribution import distribution_lib
+
+    distribution = distribution_lib.distribution()
+    name = getattr(distribution, "batch_dim_name", None)
+    names = mesh.mesh_dim_names or ()
+    return tuple(i for i, n in enumerate(names) if n == name)
+
+
+def _settle(result):
+    """Reduce a result's `Partial` placements; keep its gradient reduced.
+
+    See NOTE [partial results]. Only model axes are reduced: `Partial` over
+    a batch axis (a mean over the batch, parameter gradients) is left to
+    DTensor and `distributed_gradients`. A result replicated over a model
+    axis gets a gradient hook that reduces a `Partial` gradient on that
+    axis as soon as backward reaches it, as the input of a column-parallel
+    layer does in tensor parallelism.
+    """
+    if isinstance(result, (list, tuple)):
+        if any(isinstance(item, DTensor) for item in result):
+            return type(result)(_settle(item) for item in result)
+        return result
+    if not isinstance(result, DTensor):
+        return result
+    batch_axes = _batch_axes(result.device_mesh)
+    result = _reduce_partial(result, keep=batch_axes)
+    if result.requires_grad:
+        if any(
+            p.is_replicate() and axis not in batch_axes
+            for axis, p in enumerate(result.placements)
+        ):
+            result.register_hook(
+                lambda grad: _reduce_partial(grad, keep=batch_axes)
+            )
+    return result
+
+
 class PromoteToDTensorMode(TorchFunctionMode):
     """Promotes plain tensors to replicated DTensors where DTensors are."""
 
@@ -91,14 +162,20 @@ class PromoteToDTensorMode(TorchFunctionMode):
             }
             rule = dtensor_rules.RULES.get(func)
             if rule is not None:
-                return rule(func, *args, **kwargs)
-            try:
-                return func(*args, **kwargs)
-            except (RuntimeError, NotImplementedError) as error:
-                # Raised while choosing a sharding, before anything ran.
-                if not dtensor_rules.is_missing_sharding_rule(error):
-                    raise
-                return dtensor_rules.run_replicated(func, mesh, args, kwargs)
+                result = rule(func, *args, **kwargs)
+            else:
+                try:
+                    result = func(*args, **kwargs)
+                except (RuntimeError, NotImplementedError) as error:
+                    # Raised while choosing a sharding, before anything ran.
+                    if not dtensor_rules.is_missing_sharding_rule(error):
+                        raise
+                    result = dtensor_rules.run_replicated(
+                        func, mesh, args, kwargs
+                    )
+            if _keeps_partial(func):
+                return result
+            return _settle(result)
         return func(*args, **kwargs)
 
 
