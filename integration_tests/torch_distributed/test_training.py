@@ -6,7 +6,7 @@ import pytest
 from integration_tests.torch_distributed import launcher
 from integration_tests.torch_distributed import parity
 
-KEYS = ["history:", "evaluate", "predict", "weight:"]
+KEYS = ["history:", "evaluate", "predict", "weight:", "eager", "custom_loss"]
 
 
 @pytest.mark.parametrize(

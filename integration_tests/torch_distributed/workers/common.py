@@ -75,3 +75,15 @@ def set_distribution(distribution):
     """Set `distribution` only in the distributed run."""
     if is_distributed():
         keras.distribution.set_distribution(distribution)
+
+
+def shard_global_batch(array):
+    """Shard a global batch over the batch axis, as a custom loop does."""
+    import torch
+
+    tensor = torch.as_tensor(array)
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return tensor
+    layout = distribution.get_data_layout(tensor.shape)
+    return keras.distribution.distribute_tensor(tensor, layout)

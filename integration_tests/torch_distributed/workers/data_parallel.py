@@ -190,16 +190,6 @@ def generator(init, x, y, weights):
     return model, history.history, evaluation, None
 
 
-def shard_global_batch(tensor):
-    """Shard a global batch over the batch axis, as a custom loop does."""
-    tensor = torch.as_tensor(tensor)
-    distribution = keras.distribution.distribution()
-    if distribution is None:
-        return tensor
-    layout = distribution.get_data_layout(tensor.shape)
-    return keras.distribution.distribute_tensor(tensor, layout)
-
-
 @scenario
 def custom_loop(init, x, y, weights):
     # A loop written with keras.ops and optimizer.apply; the global batch
@@ -210,8 +200,8 @@ def custom_loop(init, x, y, weights):
     losses = []
     for start in range(0, SAMPLES, BATCH):
         rows = slice(start, start + BATCH)
-        batch = {k: shard_global_batch(v[rows]) for k, v in x.items()}
-        target = shard_global_batch(y[rows][:, None])
+        batch = {k: common.shard_global_batch(v[rows]) for k, v in x.items()}
+        target = common.shard_global_batch(y[rows][:, None])
         loss = loss_fn(target, model(batch, training=True))
         model.zero_grad()
         loss.backward()
@@ -235,8 +225,9 @@ def accumulate(init, x, y, weights):
         model.zero_grad()
         for micro in (start, start + BATCH):
             rows = slice(micro, micro + BATCH)
-            batch = {k: shard_global_batch(v[rows]) for k, v in x.items()}
-            loss = loss_fn(shard_global_batch(y[rows][:, None]), model(batch))
+            shard = common.shard_global_batch
+            batch = {k: shard(v[rows]) for k, v in x.items()}
+            loss = loss_fn(shard(y[rows][:, None]), model(batch))
             loss.backward()
             losses.append(keras.ops.convert_to_numpy(loss))
         variables = model.trainable_variables

@@ -1,4 +1,4 @@
-"""fit / evaluate / predict under DataParallel or ModelParallel.
+"""fit / evaluate / predict, an eager call and a custom loop, distributed.
 
 `--strategy data` trains the MLP (with BatchNormalization) on 99 samples in
 batches of 16, so the last batch does not divide by the number of ranks.
@@ -8,6 +8,7 @@ mesh given by `--mesh`.
 
 import common
 import models
+import numpy as np
 
 import keras
 
@@ -15,11 +16,29 @@ import keras
 def _model_and_data(strategy):
     if strategy == "data":
         x, y = common.data(0, (99, 8), (99, 4))
-        return models.mlp(), "mse", ["mae"], x, y
+        return models.mlp(), keras.losses.MeanSquaredError(), ["mae"], x, y
     (x,) = common.data(0, (36, models.SEQ), integer_high=models.VOCAB)
     (y,) = common.data(1, (36,), integer_high=3)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     return models.transformer_classifier(), loss, ["accuracy"], x, y
+
+
+def custom_loop(model, loss_fn, x, y):
+    """An eager call, then a loop written with keras.ops and apply()."""
+    eager = keras.ops.convert_to_numpy(model(common.shard_global_batch(x)))
+    optimizer = keras.optimizers.SGD(0.05)
+    losses = []
+    for start in range(0, 32, 16):
+        rows = slice(start, start + 16)
+        batch = common.shard_global_batch(x[rows])
+        target = common.shard_global_batch(y[rows])
+        loss = loss_fn(target, model(batch, training=True))
+        model.zero_grad()
+        loss.backward()
+        variables = model.trainable_variables
+        optimizer.apply([v.value.grad for v in variables], variables)
+        losses.append(keras.ops.convert_to_numpy(loss))
+    return {"eager": eager, "custom_loss": np.array(losses)}
 
 
 def main():
@@ -45,6 +64,7 @@ def main():
     predictions = model.predict(x, batch_size=16, verbose=0)
     results = {f"history:{k}": v for k, v in history.items()}
     results.update(evaluate=evaluation, predict=predictions)
+    results.update(custom_loop(model, loss, x, y))
     results.update(common.weights_dict(model))
     common.save_results(**results)
 
