@@ -39,6 +39,13 @@ def test_variables_shards_and_replicas(tmp_path):
                 np.testing.assert_array_equal(local, full)
         assert bool(result["requires_grad:hidden/kernel"])
         assert not bool(result["requires_grad:bn/moving_mean"])
+        # Adam's moments are sharded like their variables (the worker
+        # asserts placements and shapes of every slot; here the count and a
+        # sharded one).
+        slots = [k for k in result if k.startswith("slot_local_shape:")]
+        assert len(slots) == 2 * 6, slots  # 2 moments x 6 trainable vars.
+        momentum = result["slot_local_shape:adam/hidden_kernel_momentum"]
+        assert tuple(momentum) == (8, 8), momentum
         # Seed bug 1: integer variables never require gradients.
         assert int(result["iterations"]) == 2
         assert not bool(result["iterations_requires_grad"])

@@ -78,9 +78,19 @@ def main():
         results[f"requires_grad:{v.path}"] = value.requires_grad
 
     # Seed bug 1: integer variables are never gradient-requiring params.
-    model.compile(keras.optimizers.SGD(0.1), "mse")
+    optimizer = keras.optimizers.Adam(0.1)
+    model.compile(optimizer, "mse")
     x, y = common.data(0, (8, 8), (8, 4))
     model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    # Adam's moments take their variable's layout: same placements, and
+    # local shards of the same shape.
+    for v in model.trainable_variables:
+        index = optimizer._get_variable_index(v)
+        for slot in (optimizer._momentums[index], optimizer._velocities[index]):
+            assert slot.value.placements == v.value.placements, slot.path
+            local = slot.value.to_local()
+            assert local.shape == v.value.to_local().shape, slot.path
+            results[f"slot_local_shape:{slot.path}"] = np.array(local.shape)
     iterations = model.optimizer.iterations
     assert not iterations.value.is_floating_point(), iterations.value.dtype
     results["iterations"] = keras.ops.convert_to_numpy(iterations)
