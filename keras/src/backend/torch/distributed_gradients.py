@@ -66,6 +66,38 @@ def _local(grad):
     return grad._local_tensor
 
 
+# Flat buffers kept from one step to the next, by bucket key and size, as
+# DDP keeps its buckets: allocating (and faulting in) megabytes for every
+# bucket of every step costs as much as the copy into it. A buffer is
+# reused only while no bucket is reducing into it (`_busy`) and nothing
+# else holds its storage (a reduced gradient is a view of it, and may be
+# kept by the caller).
+_buffers = {}
+_busy = set()
+
+
+def _storage_users(tensor):
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return None
+    return use_count(tensor.untyped_storage()._cdata)
+
+
+def _flat_buffer(key, pieces):
+    numel = sum(piece.numel() for piece in pieces)
+    slot = (key, numel)
+    entry = _buffers.get(slot)
+    if entry is not None and id(entry[0]) not in _busy:
+        buffer, idle_users = entry
+        if idle_users is not None and _storage_users(buffer) == idle_users:
+            _busy.add(id(buffer))
+            return buffer
+    buffer = torch.empty(numel, dtype=pieces[0].dtype, device=pieces[0].device)
+    _buffers[slot] = (buffer, _storage_users(buffer))
+    _busy.add(id(buffer))
+    return buffer
+
+
 class _Bucket:
     """Gradients packed into one buffer, reduced along the partial axes."""
 
@@ -92,10 +124,9 @@ class _Bucket:
                     f"Cannot reduce a gradient that is Partial({op!r}). "
                     f"Supported reductions: {sorted(_REDUCE_OPS)}."
                 )
+        locals_ = [_local(g).detach().reshape(-1) for g in self.grads]
         with torch.no_grad():
-            self.flat = torch.cat(
-                [_local(g).detach().reshape(-1) for g in self.grads]
-            )
+            self.flat = torch.cat(locals_, out=_flat_buffer(self.key, locals_))
         self.work = dist.all_reduce(
             self.flat,
             op=_REDUCE_OPS[ops[0]],
@@ -110,6 +141,7 @@ class _Bucket:
         mesh, axes, ops, _, _ = self.key
         if self.work is not None:
             self.work.wait()
+        _busy.discard(id(self.flat))
         with torch.no_grad():
             for index, (axis, op) in enumerate(zip(axes, ops)):
                 if index:

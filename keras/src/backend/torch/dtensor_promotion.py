@@ -135,6 +135,9 @@ def _settle(result):
         return result
     if not isinstance(result, DTensor):
         return result
+    placements = result.placements
+    if not result.requires_grad and not any(p.is_partial() for p in placements):
+        return result
     batch_axes = _batch_axes(result.device_mesh)
     result = _reduce_partial(result, keep=batch_axes)
     if result.requires_grad:
