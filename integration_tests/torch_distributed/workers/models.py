@@ -51,3 +51,81 @@ def mlp_layout_map(device_mesh, model_axis="model"):
     layout_map["hidden/bias"] = (model_axis,)
     layout_map["out/kernel"] = (model_axis, None)
     return layout_map
+
+
+def mlp_normalized_inputs(width=16):
+    """`mlp`'s layers, with BatchNormalization first.
+
+    In `mlp`, a hidden unit whose ReLU is active on every row of a batch
+    passes a shift of its bias on to the normalization, which cancels it:
+    its bias gets a gradient of exactly zero, rounding noise that Adam
+    turns into steps of the learning rate. Here no bias is followed by a
+    normalization.
+    """
+    inputs = keras.Input((8,))
+    x = layers.BatchNormalization(name="bn")(inputs)
+    x = layers.Dense(width, activation="relu", name="hidden")(x)
+    outputs = layers.Dense(4, name="out")(x)
+    return keras.Model(inputs, outputs)
+
+
+def mlp_fsdp_layout_map(device_mesh, data_axis="batch", model_axis="model"):
+    """Every variable of `mlp` or `mlp_normalized_inputs` split on dimension
+    0 over the data axis, as FSDP / ZeRO-3 does; kernels also over
+    `model_axis` if the mesh has it."""
+    d = data_axis
+    m = model_axis if model_axis in device_mesh.axis_names else None
+    layout_map = keras.distribution.LayoutMap(device_mesh)
+    layout_map["(hidden|out)/kernel"] = (d, m)
+    layout_map["(hidden|out)/bias"] = (d,)
+    layout_map["bn/(gamma|beta|moving_mean|moving_variance)"] = (d,)
+    return layout_map
+
+
+def transformer_fsdp_layout_map(device_mesh, data_axis="batch"):
+    """`transformer_classifier`'s variables split over the data axis (FSDP),
+    each on its first dimension that 2 divides (`head/bias` has 3 rows)."""
+    d = data_axis
+    layout_map = keras.distribution.LayoutMap(device_mesh)
+    layout_map["embed/embeddings"] = (d, None)
+    layout_map["mha/.*/kernel"] = (d, None, None)
+    layout_map["mha/(query|key|value)/bias"] = (d, None)
+    layout_map["mha/attention_output/bias"] = (d,)
+    layout_map["(up|down|mix|head)/kernel"] = (d, None)
+    layout_map["(up|down)/bias"] = (d,)
+    layout_map["conv/kernel"] = (None, d, None)
+    layout_map["conv/bias"] = (d,)
+    layout_map["norm[12]/(gamma|beta)"] = (d,)
+    return layout_map
+
+
+def conv_classifier():
+    """Two Conv2D layers, each followed by BatchNormalization, and a head.
+
+    A ReLU sits between conv1 and bn1, and between bn1 and conv2: otherwise
+    a batch normalization would cancel any shift of its input, and conv1's
+    bias and bn1's beta would get gradients of exactly zero (rounding noise,
+    which optimizers amplify). conv2 has no bias for the same reason.
+    """
+    inputs = keras.Input((6, 6, 3))
+    x = layers.Conv2D(8, 3, padding="same", name="conv1")(inputs)
+    x = layers.Activation("relu")(x)
+    x = layers.BatchNormalization(name="bn1")(x)
+    x = layers.Activation("relu")(x)
+    x = layers.Conv2D(4, 3, use_bias=False, name="conv2")(x)
+    x = layers.BatchNormalization(name="bn2")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    outputs = layers.Dense(1, activation="sigmoid", name="out")(x)
+    return keras.Model(inputs, outputs)
+
+
+def conv_layout_map(device_mesh, model_axis="model"):
+    """conv1's output channels (and bn1's) sharded over `model_axis`;
+    conv2's input channels sharded; bn2 and the head replicated."""
+    m = model_axis
+    layout_map = keras.distribution.LayoutMap(device_mesh)
+    layout_map["conv1/kernel"] = (None, None, None, m)
+    layout_map["conv1/bias"] = (m,)
+    layout_map["bn1/(gamma|beta|moving_mean|moving_variance)"] = (m,)
+    layout_map["conv2/kernel"] = (None, None, m, None)
+    return layout_map

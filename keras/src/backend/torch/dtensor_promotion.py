@@ -39,6 +39,21 @@ and `distributed_gradients`, which reduces parameter gradients in buckets.
 Attribute reads (a parameter's gradient) and in-place ops keep their
 result as is.
 
+NOTE [uneven gradients]: DTensor cannot merge a dimension that is sharded
+unevenly with another one (a view of `(7, 6, 8)` split 4/3 as `(42, 8)`).
+Forward ops that need to are run replicated (`run_replicated`), so values
+computed from a final batch of 7 rows on 2 ranks may be replicated. In
+backward, though, DTensor may hand such a replicated value a gradient
+sharded like the batch (the gradient of `x + y` for a replicated `y` and a
+batch-sharded `x`), and the backward of the ops that made it (an einsum's
+views) then fail. So a result replicated over some mesh axes gets its
+gradient gathered over those axes when backward brings it unevenly sharded
+there, and so does a result `Partial` over the batch axis (a contraction
+with a weight sharded over that axis, FSDP-style). Evenly sharded
+gradients are kept as they are: DTensor handles them.
+`Tensor.backward` itself never falls back to `run_replicated`: an error in
+backward is raised as it is, not by a second backward pass.
+
 The mode is thread-local, like every torch function mode: DTensor
 computation must run on the thread that created the first DTensor (Keras's
 training loops do).
@@ -56,6 +71,11 @@ from keras.src.backend.torch import dtensor_rules
 
 _lock = threading.Lock()
 _enabled_threads = set()
+# Calls that run backward: never retried replicated (NOTE [uneven
+# gradients]).
+_BACKWARD = frozenset(
+    (torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad)
+)
 
 
 def _value(arg):
@@ -90,18 +110,23 @@ def _promote(arg, mesh, placements):
     return arg
 
 
-def _keeps_partial(func):
-    name = getattr(func, "__name__", "")
-    return name == "__get__" or (name.endswith("_") and name != "__")
-
-
 def _reduce_partial(x, keep=()):
-    """Reduce the `Partial` placements of a DTensor, except on `keep` axes."""
+    """Reduce the `Partial` placements of a DTensor, except on `keep` axes.
+
+    Only sums and means are kept there. A `Partial` min or max (`ops.min`
+    of a batch-sharded tensor) is reduced on every axis: no gradient
+    reduction waits for it, and code reads it as a value (keras-hub's
+    samplers index the prompt with the shortest prompt's length), which a
+    `Partial` DTensor gives as this rank's local value.
+    """
     placements = x.placements
     if not any(p.is_partial() for p in placements):
         return x
     target = [
-        Replicate() if p.is_partial() and axis not in keep else p
+        Replicate()
+        if p.is_partial()
+        and (axis not in keep or p.reduce_op not in ("sum", "avg"))
+        else p
         for axis, p in enumerate(placements)
     ]
     if target == list(placements):
@@ -140,15 +165,69 @@ def _settle(result):
         return result
     batch_axes = _batch_axes(result.device_mesh)
     result = _reduce_partial(result, keep=batch_axes)
-    if result.requires_grad:
-        if any(
-            p.is_replicate() and axis not in batch_axes
-            for axis, p in enumerate(result.placements)
-        ):
-            result.register_hook(
-                lambda grad: _reduce_partial(grad, keep=batch_axes)
-            )
+    # Only results of the graph get the hook: a leaf that requires grad is
+    # a parameter returned as is (`variable.to(dtype)` of its own dtype),
+    # whose gradient `distributed_gradients` reduces, and a hook registered
+    # on it each step would pile up.
+    if result.requires_grad and result.grad_fn is not None:
+        hook = _gradient_hook(result, batch_axes)
+        if hook is not None:
+            result.register_hook(hook)
     return result
+
+
+def _is_uneven(x, dim):
+    """Whether dimension `dim` of DTensor `x` is split unevenly."""
+    parts = 1
+    for axis, p in enumerate(x.placements):
+        if p.is_shard() and p.dim == dim:
+            parts *= x.device_mesh.size(axis)
+    return x.shape[dim] % parts != 0
+
+
+def _gather_uneven(grad, axes):
+    """Make `grad` replicated on those of `axes` that shard it unevenly."""
+    if not isinstance(grad, DTensor):
+        return grad
+    target = list(grad.placements)
+    for axis in axes:
+        p = target[axis]
+        if p.is_shard() and _is_uneven(grad, p.dim):
+            target[axis] = Replicate()
+    if target == list(grad.placements):
+        return grad
+    return grad.redistribute(grad.device_mesh, target)
+
+
+def _gradient_hook(result, batch_axes):
+    """The hook that settles the gradient of `result`, or None.
+
+    A result replicated over a model axis has its gradient's `Partial`
+    placements there reduced (NOTE [partial results]); one replicated or
+    `Partial` over any axis has its gradient gathered there if it is
+    unevenly sharded (NOTE [uneven gradients]). A gradient has its result's
+    shape, and any split of a dimension that the number of devices divides
+    is even: such results need no gathering.
+    """
+    placements = result.placements
+    unsharded = [axis for axis, p in enumerate(placements) if not p.is_shard()]
+    devices = result.device_mesh.size()
+    gather = bool(unsharded) and any(n % devices for n in result.shape)
+    reduce = any(
+        placements[axis].is_replicate() and axis not in batch_axes
+        for axis in unsharded
+    )
+    if not (gather or reduce):
+        return None
+
+    def hook(grad):
+        if reduce:
+            grad = _reduce_partial(grad, keep=batch_axes)
+        if gather:
+            grad = _gather_uneven(grad, unsharded)
+        return grad
+
+    return hook
 
 
 class PromoteToDTensorMode(TorchFunctionMode):
@@ -156,6 +235,10 @@ class PromoteToDTensorMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if getattr(func, "__name__", None) == "__get__":
+            # Attribute reads (`.grad`, `.dtype`): nothing to promote or
+            # settle, and the most frequent call by far.
+            return func(*args, **kwargs)
         mesh = _find_mesh(args, kwargs)
         if mesh is not None:
             placements = [Replicate()] * mesh.ndim
@@ -170,13 +253,18 @@ class PromoteToDTensorMode(TorchFunctionMode):
                 try:
                     result = func(*args, **kwargs)
                 except (RuntimeError, NotImplementedError) as error:
-                    # Raised while choosing a sharding, before anything ran.
-                    if not dtensor_rules.is_missing_sharding_rule(error):
+                    # Raised while choosing a sharding, before anything ran;
+                    # except in backward, which has run in part by then.
+                    if func in _BACKWARD or not (
+                        dtensor_rules.is_missing_sharding_rule(error)
+                    ):
                         raise
                     result = dtensor_rules.run_replicated(
                         func, mesh, args, kwargs
                     )
-            if _keeps_partial(func):
+            if dtensor_rules.is_in_place(func) or (args and result is args[0]):
+                # In-place ops, and no-op conversions that return their
+                # input (settled when it was made).
                 return result
             return _settle(result)
         return func(*args, **kwargs)

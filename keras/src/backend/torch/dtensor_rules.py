@@ -10,13 +10,22 @@ and a DTensor is among its arguments (after plain tensors were promoted).
   output sharded on batch and channels; backward is the local convolution's
   backward, with the input's gradient `Partial` over channel shards and the
   kernel's `Partial` over batch shards.
+- Embedding lookups with batch-sharded indices: DTensor may keep a table
+  sharded on that axis and gather the indices instead, and when the table
+  is also sharded by rows on another axis, it computes the row mask from the
+  local indices before gathering them (a mask of the wrong shape; torch
+  2.13). The rule gathers the table over the axes that shard the indices,
+  as data parallelism needs, so the indices are never redistributed.
 - `scaled_dot_product_attention` on CPU: its fused kernel's backward has no
   DTensor rule, so the math kernel (plain matmuls and softmax) is used.
 - Any other op DTensor has no sharding rule for: `run_replicated` makes its
   DTensor arguments replicated (a no-op for replicated ones, a gather for
   sharded ones), runs it on the local values and returns replicated
   DTensors. Correct for every deterministic op; the gather costs memory, so
-  it is logged once per op when a sharded argument had to be gathered.
+  it is logged once per op when a sharded argument had to be gathered. An
+  in-place op (`index_put_` into a batch-sharded tensor, which DTensor
+  refuses since it would change the tensor's placements) writes its result
+  back into its first argument, in that argument's layout.
 """
 
 import logging
@@ -106,6 +115,17 @@ def _convolution(func, input, weight, bias=None, *args, **kwargs):
     )
 
 
+def _embedding(func, input, weight, *args, **kwargs):
+    if isinstance(input, DTensor) and isinstance(weight, DTensor):
+        placements = [
+            Replicate() if i.is_shard() else w
+            for i, w in zip(input.placements, weight.placements)
+        ]
+        if placements != list(weight.placements):
+            weight = weight.redistribute(weight.device_mesh, placements)
+    return func(input, weight, *args, **kwargs)
+
+
 def _attention(func, *args, **kwargs):
     mesh = next(a for a in args if isinstance(a, DTensor)).device_mesh
     if mesh.device_type != "cpu":
@@ -117,6 +137,29 @@ def _attention(func, *args, **kwargs):
 def is_missing_sharding_rule(error):
     """Whether `error` says DTensor has no sharding rule for an op."""
     return any(message in str(error) for message in _MISSING_RULE_MESSAGES)
+
+
+_IN_PLACE_OPERATORS = frozenset(
+    f"__i{op}__"
+    for op in (
+        "add sub mul matmul truediv floordiv mod pow and or xor lshift rshift"
+    ).split()
+) | {"__setitem__"}
+
+
+def is_in_place(func):
+    """Whether `func` writes to its first argument (`add_`, `x[i] = v`)."""
+    name = getattr(func, "__name__", "")
+    if name.startswith("__"):
+        return name in _IN_PLACE_OPERATORS
+    return name.endswith("_")
+
+
+def _mutated_argument(func, args):
+    """The DTensor an in-place op writes to (its first argument), or None."""
+    if is_in_place(func) and args and isinstance(args[0], DTensor):
+        return args[0]
+    return None
 
 
 def run_replicated(func, mesh, args, kwargs):
@@ -147,11 +190,20 @@ def run_replicated(func, mesh, args, kwargs):
             return type(x)(to_dtensor(item) for item in x)
         return x
 
-    output = func(
-        *to_local(tuple(args)), **{k: to_local(v) for k, v in kwargs.items()}
-    )
+    local_args = to_local(tuple(args))
+    output = func(*local_args, **{k: to_local(v) for k, v in kwargs.items()})
+    target = _mutated_argument(func, args)
+    if target is not None:
+        # The op wrote to a replicated copy of `target`: write the new value
+        # back into `target`, in its own layout, for the caller to see it.
+        written = DTensor.from_local(
+            local_args[0], mesh, replicate, run_check=False
+        )
+        target.copy_(written.redistribute(mesh, target.placements))
+        return target if output is local_args[0] else to_dtensor(output)
     return to_dtensor(output)
 
 
 RULES = dict.fromkeys(_CONVOLUTIONS, _convolution)
 RULES[torch.nn.functional.scaled_dot_product_attention] = _attention
+RULES[torch.nn.functional.embedding] = _embedding
