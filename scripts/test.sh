@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh -r requirements-test.txt
+.venv/bin/python -m pip install --quiet --disable-pip-version-check \
+    --no-deps -r requirements-hub.txt
 export KERAS_BACKEND=torch OMP_NUM_THREADS=1
 .venv/bin/ruff check .
 .venv/bin/python -m pytest tests/packaging integration_tests
