@@ -221,6 +221,8 @@ def check_scenario(results, reference, name):
     for key in _keys(reference, p + "initial:"):
         for result in results:
             np.testing.assert_array_equal(result[key], reference[key], key)
+    for rank, result in enumerate(results):
+        assert result[p + "variable_hooks"] == 0, (rank, name)
     exact = [p + k for k in EXACT if p + k in reference]
     for key in exact:
         for rank, result in enumerate(results):

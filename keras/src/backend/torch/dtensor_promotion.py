@@ -59,6 +59,7 @@ computation must run on the thread that created the first DTensor (Keras's
 training loops do).
 """
 
+import functools
 import threading
 
 import torch
@@ -134,14 +135,21 @@ def _reduce_partial(x, keep=()):
     return x.redistribute(x.device_mesh, target)
 
 
-def _batch_axes(mesh):
-    """Mesh axes over which the batch is sharded (gradients reduced later)."""
+def _batch_dim_name():
+    """The batch axis name of the current distribution, or None."""
     from keras.src.distribution import distribution_lib
 
-    distribution = distribution_lib.distribution()
-    name = getattr(distribution, "batch_dim_name", None)
-    names = mesh.mesh_dim_names or ()
-    return tuple(i for i, n in enumerate(names) if n == name)
+    return getattr(distribution_lib.distribution(), "batch_dim_name", None)
+
+
+@functools.lru_cache(maxsize=None)
+def _axes_named(names, name):
+    return tuple(i for i, n in enumerate(names or ()) if n == name)
+
+
+def _batch_axes(mesh):
+    """Mesh axes over which the batch is sharded (gradients reduced later)."""
+    return _axes_named(mesh.mesh_dim_names, _batch_dim_name())
 
 
 def _settle(result):
@@ -199,32 +207,45 @@ def _gather_uneven(grad, axes):
     return grad.redistribute(grad.device_mesh, target)
 
 
-def _gradient_hook(result, batch_axes):
-    """The hook that settles the gradient of `result`, or None.
+@functools.lru_cache(maxsize=4096)
+def _gradient_plan(placements, shape, devices, batch_axes):
+    """What the gradient hook of a result does: `(reduce, gather_axes)`.
 
     A result replicated over a model axis has its gradient's `Partial`
     placements there reduced (NOTE [partial results]); one replicated or
     `Partial` over any axis has its gradient gathered there if it is
     unevenly sharded (NOTE [uneven gradients]). A gradient has its result's
     shape, and any split of a dimension that the number of devices divides
-    is even: such results need no gathering.
+    is even: such results need no gathering. Cached: a training step asks
+    for the same few layouts and shapes over and over.
     """
-    placements = result.placements
-    unsharded = [axis for axis, p in enumerate(placements) if not p.is_shard()]
-    devices = result.device_mesh.size()
-    gather = bool(unsharded) and any(n % devices for n in result.shape)
+    unsharded = tuple(
+        axis for axis, p in enumerate(placements) if not p.is_shard()
+    )
+    gather = bool(unsharded) and any(n % devices for n in shape)
     reduce = any(
         placements[axis].is_replicate() and axis not in batch_axes
         for axis in unsharded
     )
-    if not (gather or reduce):
+    return reduce, unsharded if gather else ()
+
+
+def _gradient_hook(result, batch_axes):
+    """The hook that settles the gradient of `result`, or None."""
+    reduce, gather_axes = _gradient_plan(
+        result.placements,
+        tuple(result.shape),
+        result.device_mesh.size(),
+        batch_axes,
+    )
+    if not (reduce or gather_axes):
         return None
 
     def hook(grad):
         if reduce:
             grad = _reduce_partial(grad, keep=batch_axes)
-        if gather:
-            grad = _gather_uneven(grad, unsharded)
+        if gather_axes:
+            grad = _gather_uneven(grad, gather_axes)
         return grad
 
     return hook
