@@ -50,8 +50,8 @@ def custom_loop(model, loss_fn, x, y):
 # initializations of the transformer on (2, 2), the largest difference was
 # 1.9e-6 to 1.1e-5 of an array's largest value in 7, and 7.6e-5 (an
 # embedding row) in one, while gradients agree within 1e-5 whatever the
-# initialization (test_gradient_flow draws its own). With this seed: at most 1.4e-6 on
-# (1, 2) and (2, 2).
+# initialization (test_gradient_flow draws its own). With this seed: at
+# most 1.4e-6 on (1, 2) and (2, 2).
 SEED = 3
 
 
