@@ -4,21 +4,24 @@
         --rdzv-endpoint localhost:0 benchmarks/data_parallel_vs_ddp.py
 
 Both train the same MLP (512-4096-512, ReLU, MSE, SGD) on the same global
-batch (128 rows, 64 per rank) on the same ranks. Each measures the median
-wall time of a training step over many steps after warm-up (Keras: a step
-of `fit`, timed by a callback; DDP: forward, backward, optimizer step and
-reading the loss); rank 0 prints both and their ratio. Not a test: nothing
+batch (128 rows, 64 per rank) on the same ranks. Both are timed over the
+same minutes: after warm-up, a callback times each step of `fit` and then
+one DDP step (forward, backward, optimizer step and reading the loss), each
+after a barrier (`timing.InterleavedTimer`); rank 0 prints the median of
+each and their ratio. Before that, the same is timed with no distribution:
+each rank trains Keras, and a plain torch loop, on its own rows alone. The
+ratio there is Keras's own cost per step (its trainer, layers, loss and
+metrics in Python), which no distribution removes. Not a test: nothing
 here asserts a timing.
 """
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import numpy as np  # noqa: E402
+import timing  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
@@ -27,41 +30,50 @@ import keras  # noqa: E402
 RANK = int(os.environ.get("RANK", 0))
 
 
-def median_step_ms(step, steps, warmup):
+def local_rows(x):
+    """This rank's slice of a global batch."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    return x[rank * len(x) // world : (rank + 1) * len(x) // world]
+
+
+def torch_step(x, y, sizes, warmup, ddp=True):
+    """A warmed-up training step of the MLP on this rank's rows, under
+    native DDP (or, with `ddp=False`, on this rank alone)."""
+    x, y = torch.as_tensor(local_rows(x)), torch.as_tensor(local_rows(y))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(sizes[0], sizes[1]),
+        torch.nn.ReLU(),
+        torch.nn.Linear(sizes[1], sizes[2]),
+    )
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def step():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
     for _ in range(warmup):
         step()
-    times = []
-    for _ in range(steps):
-        dist.barrier()
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return step
 
 
-class StepTimer(keras.callbacks.Callback):
-    """Wall time of each training step inside `fit`, after a barrier."""
+def keras_fit(x, y, sizes, steps, warmup, native_step):
+    """Train the MLP with `fit`, a `native_step` after each step.
 
-    def __init__(self):
-        super().__init__()
-        self.times = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        dist.barrier()
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append((time.perf_counter() - self._start) * 1000)
-
-
-def keras_data_parallel(x, y, sizes, steps, warmup):
-    keras.distribution.set_distribution(keras.distribution.DataParallel())
+    Returns:
+        The median ms per step of Keras and of the native side.
+    """
     inputs = keras.Input((sizes[0],))
     h = keras.layers.Dense(sizes[1], activation="relu")(inputs)
     outputs = keras.layers.Dense(sizes[2])(h)
     model = keras.Model(inputs, outputs)
     model.compile(keras.optimizers.SGD(0.01), "mse")
-    timer = StepTimer()
+    timer = timing.InterleavedTimer(native_step, warmup)
     repeats = steps + warmup
     model.fit(
         np.concatenate([x] * repeats),
@@ -72,37 +84,30 @@ def keras_data_parallel(x, y, sizes, steps, warmup):
         verbose=0,
         callbacks=[timer],
     )
-    return statistics.median(timer.times[warmup:])
+    return timer.medians()
 
 
-def torch_ddp(x, y, sizes, steps, warmup):
-    world, rank = dist.get_world_size(), dist.get_rank()
-    rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
-    x, y = torch.as_tensor(x[rows]), torch.as_tensor(y[rows])
-    torch.manual_seed(0)
-    module = torch.nn.Sequential(
-        torch.nn.Linear(sizes[0], sizes[1]),
-        torch.nn.ReLU(),
-        torch.nn.Linear(sizes[1], sizes[2]),
-    )
-    model = torch.nn.parallel.DistributedDataParallel(module)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+def time_side_by_side(x, y, sizes, steps, warmup):
+    """Time Keras beside torch, without and then with distribution.
 
-    def step():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
-        loss.item()
-
-    return median_step_ms(step, steps, warmup)
+    Returns:
+        The median ms per step of: Keras without a distribution, each rank
+        training on its own rows; a plain torch loop alike; Keras with
+        `DataParallel`; DDP.
+    """
+    # Keras's own cost: the same per-rank work, with no communication.
+    local = torch_step(x, y, sizes, warmup, ddp=False)
+    alone = keras_fit(local_rows(x), local_rows(y), sizes, steps, warmup, local)
+    keras.distribution.set_distribution(keras.distribution.DataParallel())
+    ddp = torch_step(x, y, sizes, warmup)
+    return alone + keras_fit(x, y, sizes, steps, warmup, ddp)
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="512,4096,512")
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -110,15 +115,22 @@ def main():
     x = rng.normal(size=(args.batch, sizes[0])).astype("float32")
     y = rng.normal(size=(args.batch, sizes[2])).astype("float32")
     keras.distribution.list_devices()  # Forms the world under torchrun.
-    ddp = torch_ddp(x, y, sizes, args.steps, args.warmup)
-    ours = keras_data_parallel(x, y, sizes, args.steps, args.warmup)
+    alone, local, ours, ddp = time_side_by_side(
+        x, y, sizes, args.steps, args.warmup
+    )
     if RANK == 0:
+        world = dist.get_world_size()
         print(
-            f"MLP {args.sizes}, global batch {args.batch}, "
-            f"{dist.get_world_size()} ranks, {args.steps} steps (median)\n"
+            f"MLP {args.sizes}, global batch {args.batch}, {world} ranks, "
+            f"{args.steps} steps (median)\n"
             f"  torch DDP:             {ddp:8.2f} ms/step\n"
             f"  keras DataParallel:    {ours:8.2f} ms/step\n"
-            f"  ratio keras / DDP:     {ours / ddp:8.3f}"
+            f"  ratio keras / DDP:     {ours / ddp:8.3f}\n"
+            f"each rank alone on its {args.batch // world} rows, no "
+            "communication (Keras's own cost):\n"
+            f"  torch:                 {local:8.2f} ms/step\n"
+            f"  keras:                 {alone:8.2f} ms/step\n"
+            f"  ratio keras / torch:   {alone / local:8.3f}"
         )
 
 

@@ -14,10 +14,11 @@ weights, its first layer column-parallel and its second row-parallel:
   `parallelize_module` (`ColwiseParallel`, then `RowwiseParallel`) on a 1-D
   mesh of the N ranks.
 
-Each measures the median wall time of a training step over many steps after
-warm-up (Keras: a step of `fit`, timed by a callback; TP: forward, backward,
-optimizer step and reading the loss) and counts the collectives of one
-training step (the last warm-up step) by kind, API and mesh axis, and the
+Both are timed over the same minutes: after warm-up, a callback times each
+step of `fit` and then one TP step (forward, backward, optimizer step and
+reading the loss), each after a barrier (`timing.InterleavedTimer`), and
+each side's median is taken. Each side's collectives of one training step
+(its last warm-up step) are counted by kind, API and mesh axis, and the
 aten ops DTensor dispatched in it (each costs sharding propagation). Rank 0
 prints both times and their ratio, the collective counts, the first-step
 loss of each side (they must agree, else the job fails) and the largest
@@ -31,13 +32,12 @@ collective comes from (autograd node, DTensor op, innermost Keras frames).
 import argparse
 import collections
 import os
-import statistics
-import time
 import traceback
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import numpy as np  # noqa: E402
+import timing  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
@@ -221,17 +221,16 @@ def initial_weights(sizes, seed=0):
     return [w.astype("float32") for w in weights]
 
 
-def run_steps(step, steps, warmup, counter):
-    """Warm up (the last warm-up step inside `counter`), then time `steps`.
+def warm_up(step, warmup, counter):
+    """Run `warmup` steps, the last one inside `counter`.
 
     Args:
         step: A callable running one training step and returning its loss.
-        steps: How many steps to time.
-        warmup: How many steps to run first, at least 2.
+        warmup: How many steps to run, at least 2.
         counter: The `CollectiveCounter` for the last warm-up step.
 
     Returns:
-        The first step's loss and the median wall time of a step, in ms.
+        The first step's loss.
     """
     first_loss = step()
     for _ in range(warmup - 2):
@@ -239,54 +238,33 @@ def run_steps(step, steps, warmup, counter):
     dist.barrier()
     with counter:
         step()
-    times = []
-    for _ in range(steps):
-        dist.barrier()
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1000)
-    return first_loss, statistics.median(times)
+    return first_loss
 
 
-class StepTimer(keras.callbacks.Callback):
-    """Wall time of each training step inside `fit`, after a barrier.
+class CountStep(keras.callbacks.Callback):
+    """Counts the collectives of step `index` of `fit` with `counter`."""
 
-    Also keeps the first step's loss, and counts the collectives of step
-    `count_step` with `counter`.
-
-    Args:
-        counter: A `CollectiveCounter`.
-        count_step: Index of the step whose collectives are counted.
-    """
-
-    def __init__(self, counter, count_step):
+    def __init__(self, counter, index):
         super().__init__()
         self.counter = counter
-        self.count_step = count_step
-        self.first_loss = None
-        self.times = []
+        self.index = index
 
     def on_train_batch_begin(self, batch, logs=None):
-        dist.barrier()
-        if batch == self.count_step:
+        if batch == self.index:
             self.counter.__enter__()
-        self._start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
-        self.times.append((time.perf_counter() - self._start) * 1000)
-        if batch == self.count_step:
+        if batch == self.index:
             self.counter.__exit__(None, None, None)
-        if batch == 0:
-            self.first_loss = float(logs["loss"])
 
 
-def torch_tensor_parallel(weights, x, y, steps, warmup, trace):
-    """Train the MLP made tensor-parallel by `parallelize_module`.
+def torch_tensor_parallel(weights, x, y, warmup, trace):
+    """The MLP made tensor-parallel by `parallelize_module`, warmed up.
 
     Returns:
-        The first step's loss, the median ms per step, the
-        `CollectiveCounter` of one step, and the final weights in Keras
-        layout.
+        The first step's loss, a callable running one more training step,
+        the `CollectiveCounter` of one step, and a callable returning the
+        weights in Keras layout.
     """
     mesh = init_device_mesh(
         "cpu", (dist.get_world_size(),), mesh_dim_names=("model",)
@@ -316,20 +294,26 @@ def torch_tensor_parallel(weights, x, y, steps, warmup, trace):
         optimizer.step()
         return loss.item()
 
+    def final_weights():
+        final = []
+        for linear in (module[0], module[2]):
+            final.append(linear.weight.full_tensor().detach().numpy().T)
+            final.append(linear.bias.full_tensor().detach().numpy())
+        return final
+
     counter = CollectiveCounter(_axis_labels(mesh), trace)
-    first_loss, ms = run_steps(step, steps, warmup, counter)
-    final = []
-    for linear in (module[0], module[2]):
-        final.append(linear.weight.full_tensor().detach().numpy().T)
-        final.append(linear.bias.full_tensor().detach().numpy())
-    return first_loss, ms, counter, final
+    first_loss = warm_up(step, warmup, counter)
+    return first_loss, step, counter, final_weights
 
 
-def keras_model_parallel(weights, x, y, steps, warmup, output_layout, trace):
-    """Train the MLP with `ModelParallel` and `fit`.
+def keras_model_parallel(
+    weights, x, y, steps, warmup, output_layout, trace, native_step
+):
+    """Train the MLP with `ModelParallel` and `fit`, timing each step and
+    one `native_step` after it (`timing.InterleavedTimer`).
 
     Returns:
-        The first step's loss, the median ms per step, the
+        The first step's loss, the `InterleavedTimer`, the
         `CollectiveCounter` of one step, and the final weights.
     """
     devices = keras.distribution.list_devices()
@@ -357,7 +341,7 @@ def keras_model_parallel(weights, x, y, steps, warmup, output_layout, trace):
     model.set_weights(weights)
     model.compile(keras.optimizers.SGD(LEARNING_RATE), "mse")
     counter = CollectiveCounter(_axis_labels(mesh.backend_mesh), trace)
-    timer = StepTimer(counter, count_step=warmup - 1)
+    timer = timing.InterleavedTimer(native_step, warmup)
     repeats = steps + warmup
     model.fit(
         np.concatenate([x] * repeats),
@@ -366,10 +350,11 @@ def keras_model_parallel(weights, x, y, steps, warmup, output_layout, trace):
         epochs=1,
         shuffle=False,
         verbose=0,
-        callbacks=[timer],
+        # Counted first: the step counted is a warm-up step, which the
+        # timer neither times nor follows with a native step.
+        callbacks=[CountStep(counter, warmup - 1), timer],
     )
-    ms = statistics.median(timer.times[warmup:])
-    return timer.first_loss, ms, counter, model.get_weights()
+    return timer.first_loss, timer, counter, model.get_weights()
 
 
 def print_origins(name, counter):
@@ -384,7 +369,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="512,4096,512")
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument(
         "--output-layout",
@@ -413,15 +398,26 @@ def main():
     y = rng.normal(size=(args.batch, sizes[2])).astype("float32")
     weights = initial_weights(sizes)
     keras.distribution.list_devices()  # Forms the world under torchrun.
-    # NOTE [order]: TP runs first. Once Keras has made a DTensor, a torch
-    # function mode (keras/src/backend/torch/dtensor_promotion.py) sees
-    # every torch call of the process, which would slow TP down too.
-    tp_loss, tp_ms, tp_counter, tp_weights = torch_tensor_parallel(
-        weights, x, y, args.steps, args.warmup, args.trace
+    # TP is built and warmed up first: once Keras has made a DTensor, a
+    # torch function mode (keras/src/backend/torch/dtensor_promotion.py)
+    # sees every torch call of the thread; `timing` sets it aside while a
+    # TP step runs.
+    tp_loss, tp_step, tp_counter, tp_final = torch_tensor_parallel(
+        weights, x, y, args.warmup, args.trace
     )
-    ours_loss, ours_ms, ours_counter, ours_weights = keras_model_parallel(
-        weights, x, y, args.steps, args.warmup, args.output_layout, args.trace
+    ours_loss, timer, ours_counter, ours_weights = keras_model_parallel(
+        weights,
+        x,
+        y,
+        args.steps,
+        args.warmup,
+        args.output_layout,
+        args.trace,
+        tp_step,
     )
+    ours_ms, tp_ms = timer.medians()
+    with timing.without_function_modes():
+        tp_weights = tp_final()
     loss_diff = abs(ours_loss - tp_loss) / abs(tp_loss)
     weight_diff = max(
         float(np.max(np.abs(a - b))) for a, b in zip(ours_weights, tp_weights)

@@ -1,0 +1,84 @@
+"""Timing a Keras `fit` step and a native PyTorch step side by side.
+
+On a shared machine the speed of a step drifts over a run by more than the
+difference being measured, so timing one side and then the other compares
+two different minutes. `InterleavedTimer` runs one native step after each
+step of `fit`: both sides are timed over the same minutes, each step after
+a barrier, and compared by their medians.
+"""
+
+import contextlib
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+import keras
+
+
+@contextlib.contextmanager
+def without_function_modes():
+    """Set aside this thread's torch function modes for a while.
+
+    Under a distribution, Keras pushes a `TorchFunctionMode` that sees
+    every torch call (it promotes plain tensors that meet DTensors). A
+    native PyTorch step run between Keras steps must not pay for it.
+    """
+    modes = []
+    while torch._C._len_torch_function_stack():
+        modes.append(torch._C._pop_torch_function_stack())
+    try:
+        yield
+    finally:
+        for mode in reversed(modes):
+            torch._C._push_on_torch_function_stack(mode)
+
+
+def time_step(step):
+    """Run `step()` after a barrier; return its result and its time in ms."""
+    dist.barrier()
+    start = time.perf_counter()
+    result = step()
+    return result, (time.perf_counter() - start) * 1000
+
+
+class InterleavedTimer(keras.callbacks.Callback):
+    """Times each step of `fit`, and one native step after each of them.
+
+    Args:
+        native_step: A callable running one step of the native PyTorch
+            training loop (already warmed up).
+        warmup: How many of `fit`'s first steps are neither timed nor
+            followed by a native step.
+    """
+
+    def __init__(self, native_step, warmup):
+        super().__init__()
+        self.native_step = native_step
+        self.warmup = warmup
+        self.keras_times = []
+        self.native_times = []
+        self.first_loss = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        dist.barrier()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        elapsed = (time.perf_counter() - self._start) * 1000
+        if batch == 0:
+            self.first_loss = float(logs["loss"])
+        if batch < self.warmup:
+            return
+        self.keras_times.append(elapsed)
+        with without_function_modes():
+            _, native = time_step(self.native_step)
+        self.native_times.append(native)
+
+    def medians(self):
+        """(Keras, native) median ms per step."""
+        return (
+            statistics.median(self.keras_times),
+            statistics.median(self.native_times),
+        )
