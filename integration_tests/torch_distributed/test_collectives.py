@@ -1,0 +1,53 @@
+"""Collectives per training step: as few as the layouts need.
+
+The worker counts one `train_on_batch` step's collectives on each rank.
+Under `DataParallel`, every gradient is reduced exactly once, in one
+bucket (the MLP's gradients fill less than a bucket), beside one scalar
+all-reduce of the loss (Keras's metrics read the global loss); a
+`LossScaleOptimizer` adds none (its finiteness check once read each
+gradient before reduction: 15 all-reduces). On a (1, 2) mesh with
+Megatron-style layouts, one all-reduce: the row-parallel layer's output, as
+tensor parallelism does (the batch axis has size 1: no gradient
+reduction).
+
+Besides: `train_on_batch` resets the metrics each call, and the zeros
+assigned to the loss tracker's 2 replicated variables are broadcast from
+rank 0, as every plain tensor assigned to a replicated variable is (its
+value could differ across ranks). `fit` resets them once per epoch.
+"""
+
+import pytest
+
+from integration_tests.torch_distributed import launcher
+
+OTHER_KINDS = ("all_gather", "reduce_scatter", "all_to_all")
+METRIC_RESETS = 2
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("collectives")
+    _, _, results = launcher.run_workers("collectives.py", 2, tmp_path)
+    return results
+
+
+@pytest.mark.parametrize("scenario", ["data", "data_float16"])
+def test_data_parallel_reduces_each_gradient_once(results, scenario):
+    for rank, result in enumerate(results):
+        counts = {k: int(result[f"{scenario}/{k}"]) for k in OTHER_KINDS}
+        assert not any(counts.values()), (rank, counts)
+        assert result[f"{scenario}/broadcast"] == METRIC_RESETS, rank
+        # One bucket of gradients and the loss.
+        assert result[f"{scenario}/all_reduce"] == 2, (rank, dict(result))
+        elements = result[f"{scenario}/all_reduce_elements"]
+        assert elements == result[f"{scenario}/parameters"] + 1, rank
+
+
+def test_model_parallel_needs_one_all_reduce(results):
+    for rank, result in enumerate(results):
+        counts = {k: int(result[f"model/{k}"]) for k in OTHER_KINDS}
+        assert not any(counts.values()), (rank, counts)
+        assert result["model/broadcast"] == METRIC_RESETS, rank
+        assert result["model/all_reduce"] == 1, (rank, dict(result))
+        # The row-parallel output: 16 rows of 4 features.
+        assert result["model/all_reduce_elements"] == 16 * 4, rank
