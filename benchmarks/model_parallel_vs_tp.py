@@ -17,12 +17,15 @@ weights, its first layer column-parallel and its second row-parallel:
 Both are timed over the same minutes: after warm-up, a callback times each
 step of `fit` and then one TP step (forward, backward, optimizer step and
 reading the loss), each after a barrier (`timing.InterleavedTimer`), and
-each side's median is taken. Each side's collectives of one training step
-(its last warm-up step) are counted by kind, API and mesh axis, and the
-aten ops DTensor dispatched in it (each costs sharding propagation). Rank 0
-prints both times and their ratio, the collective counts, the first-step
-loss of each side (they must agree, else the job fails) and the largest
-weight difference after training. Not a test: nothing here asserts a timing.
+each side's median is taken. Before that, each rank alone times Keras and
+a plain torch loop on the MLP its shards make (hidden width / N), with no
+distribution: Keras's own cost per step, which no distribution removes.
+Each side's collectives of one training step (its last warm-up step) are
+counted by kind, API and mesh axis, and the aten ops DTensor dispatched in
+it (each costs sharding propagation). Rank 0 prints both times and their
+ratio, the collective counts, the first-step loss of each side (they must
+agree, else the job fails) and the largest weight difference after
+training. Not a test: nothing here asserts a timing.
 
 `--output-layout` also gives the second layer's output the data layout
 (`layout_map["down/output"] = ("batch", None)`); `--trace` prints where each
@@ -306,6 +309,50 @@ def torch_tensor_parallel(weights, x, y, warmup, trace):
     return first_loss, step, counter, final_weights
 
 
+def time_one_shard_alone(x, y, sizes, steps, warmup):
+    """Keras's own cost: each rank alone trains the MLP that its shards
+    make (hidden width divided by the number of ranks) on the whole batch,
+    with `fit` and no distribution, a plain torch step after each step.
+
+    Returns:
+        The median ms per step of Keras and of torch.
+    """
+    hidden = sizes[1] // dist.get_world_size()
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Linear(sizes[0], hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, sizes[2]),
+    )
+    optimizer = torch.optim.SGD(module.parameters(), lr=LEARNING_RATE)
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+
+    def step():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(module(xt), yt)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    for _ in range(warmup):
+        step()
+    inputs = keras.Input((sizes[0],))
+    h = keras.layers.Dense(hidden, activation="relu")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(sizes[2])(h))
+    model.compile(keras.optimizers.SGD(LEARNING_RATE), "mse")
+    timer = timing.InterleavedTimer(step, warmup)
+    model.fit(
+        np.concatenate([x] * (steps + warmup)),
+        np.concatenate([y] * (steps + warmup)),
+        batch_size=len(x),
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[timer],
+    )
+    return timer.medians()
+
+
 def keras_model_parallel(
     weights, x, y, steps, warmup, output_layout, trace, native_step
 ):
@@ -402,6 +449,9 @@ def main():
     # torch function mode (keras/src/backend/torch/dtensor_promotion.py)
     # sees every torch call of the thread; `timing` sets it aside while a
     # TP step runs.
+    alone, alone_torch = time_one_shard_alone(
+        x, y, sizes, args.steps, args.warmup
+    )
     tp_loss, tp_step, tp_counter, tp_final = torch_tensor_parallel(
         weights, x, y, args.warmup, args.trace
     )
@@ -432,6 +482,11 @@ def main():
             f"  torch TP:              {tp_ms:8.2f} ms/step\n"
             f"  keras ModelParallel:   {ours_ms:8.2f} ms/step{layout}\n"
             f"  ratio keras / TP:      {ours_ms / tp_ms:8.3f}\n"
+            f"each rank alone, its shards' MLP on the whole batch, no "
+            "communication (Keras's own cost):\n"
+            f"  torch:                 {alone_torch:8.2f} ms/step\n"
+            f"  keras:                 {alone:8.2f} ms/step\n"
+            f"  ratio keras / torch:   {alone / alone_torch:8.3f}\n"
             f"first-step loss: torch TP {tp_loss:.7f}, keras "
             f"{ours_loss:.7f} (relative difference {loss_diff:.1e})\n"
             f"weights after {args.steps + args.warmup} steps: largest "

@@ -8,4 +8,5 @@ bash scripts/setup_venv.sh -r requirements-test.txt
 export KERAS_BACKEND=torch OMP_NUM_THREADS=1
 .venv/bin/ruff check .
 .venv/bin/python -m pytest tests/packaging integration_tests
-.venv/bin/python tests/upstream/run_upstream_tests.py
+# Upstream's modules are single-process: one pytest worker per core.
+.venv/bin/python tests/upstream/run_upstream_tests.py -n 2

@@ -1,4 +1,8 @@
-"""Every trainable variable of a sharded model gets the reference gradient."""
+"""Every trainable variable of a sharded model gets the reference gradient.
+
+On (1, 2) and (2, 1) here; on (2, 2) in test_training, whose worker records
+the same gradients before it trains (one 4-rank launch instead of two).
+"""
 
 import numpy as np
 import pytest
@@ -7,7 +11,7 @@ from integration_tests.torch_distributed import launcher
 from integration_tests.torch_distributed import parity
 
 
-@pytest.mark.parametrize("nproc,mesh", [(2, "1,2"), (2, "2,1"), (4, "2,2")])
+@pytest.mark.parametrize("nproc,mesh", [(2, "1,2"), (2, "2,1")])
 def test_gradients_match_single_process(tmp_path, nproc, mesh):
     init = str(tmp_path / "init.npz")
     reference = launcher.run_reference(

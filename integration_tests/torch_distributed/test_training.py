@@ -6,7 +6,18 @@ import pytest
 from integration_tests.torch_distributed import launcher
 from integration_tests.torch_distributed import parity
 
-KEYS = ["history:", "evaluate", "predict", "weight:", "eager", "custom_loss"]
+KEYS = [
+    "history:",
+    "evaluate",
+    "predict",
+    "weight:",
+    "eager",
+    "custom_loss",
+    "grad:",
+    "grad_loss",
+]
+# The transformer's trainable variables: each gets a gradient (model runs).
+TRAINABLE = 22
 
 
 @pytest.mark.parametrize(
@@ -31,5 +42,17 @@ def test_training_matches_single_process(tmp_path, strategy, nproc, mesh):
         for result in results:
             diff = np.abs(result[key_bias] - reference[key_bias]).max()
             assert diff < 1e-4, diff
+    # Its gradient is exactly zero in exact arithmetic: rounding noise
+    # around 1e-10 in both runs, which no relative tolerance can compare.
+    grad_key_bias = "grad:mha/key/bias"
+    if grad_key_bias in reference:
+        skip.append(grad_key_bias)
+        for result in [reference, *results]:
+            assert np.max(np.abs(result[grad_key_bias])) < 1e-8
+        grads = [k for k in reference if k.startswith("grad:")]
+        assert len(grads) == TRAINABLE, grads
+        for key in grads:
+            if key != grad_key_bias:
+                assert np.max(np.abs(reference[key])) > 0, key
     parity.assert_results_match(results, reference, KEYS, skip=skip)
     parity.assert_same_on_every_rank(results, KEYS)

@@ -3,7 +3,8 @@
 `--strategy data` trains the MLP (with BatchNormalization) on 99 samples in
 batches of 16, so the last batch does not divide by the number of ranks.
 `--strategy model` trains the transformer with Megatron-style layouts on the
-mesh given by `--mesh`.
+mesh given by `--mesh`, after recording the gradients of one pass on 8
+rows (every trainable variable's, as the optimizer gets them).
 """
 
 import common
@@ -21,6 +22,29 @@ def _model_and_data(strategy):
     (y,) = common.data(1, (36,), integer_high=3)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     return models.transformer_classifier(), loss, ["accuracy"], x, y
+
+
+def one_pass_gradients(model, loss_fn, x, y):
+    """Gradients of one forward and backward pass, reduced once as the
+    optimizer gets them, and that pass's loss."""
+    from keras.src.backend.torch import distributed_gradients
+
+    loss = loss_fn(
+        common.shard_global_batch(y), model(common.shard_global_batch(x))
+    )
+    model.zero_grad()
+    loss.backward()
+    variables = model.trainable_variables
+    grads = distributed_gradients.reduce_gradients(
+        [v.value.grad for v in variables]
+    )
+    model.zero_grad()
+    results = {"grad_loss": keras.ops.convert_to_numpy(loss)}
+    for variable, grad in zip(variables, grads):
+        if grad is None:
+            raise AssertionError(f"No gradient for {variable.path}")
+        results[f"grad:{variable.path}"] = keras.ops.convert_to_numpy(grad)
+    return results
 
 
 def custom_loop(model, loss_fn, x, y):
@@ -71,6 +95,9 @@ def main():
         keras.distribution.set_distribution(distribution)
     model, loss, metrics, x, y = _model_and_data(args.strategy)
     common.share_initial_weights(model, args.init)
+    gradients = {}
+    if args.strategy == "model":
+        gradients = one_pass_gradients(model, loss, x[:8], y[:8])
     model.compile(keras.optimizers.Adam(0.01), loss, metrics=metrics)
     history = model.fit(
         x, y, batch_size=16, epochs=2, verbose=0, shuffle=False
@@ -81,6 +108,7 @@ def main():
     results.update(evaluate=evaluation, predict=predictions)
     results.update(custom_loop(model, loss, x, y))
     results.update(common.weights_dict(model))
+    results.update(gradients)
     common.save_results(**results)
 
 
