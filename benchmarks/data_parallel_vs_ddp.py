@@ -28,6 +28,7 @@ import torch.distributed as dist  # noqa: E402
 import keras  # noqa: E402
 
 RANK = int(os.environ.get("RANK", 0))
+LEARNING_RATE = 0.01
 
 
 def local_rows(x):
@@ -39,27 +40,12 @@ def local_rows(x):
 def torch_step(x, y, sizes, warmup, ddp=True):
     """A warmed-up training step of the MLP on this rank's rows, under
     native DDP (or, with `ddp=False`, on this rank alone)."""
-    x, y = torch.as_tensor(local_rows(x)), torch.as_tensor(local_rows(y))
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(sizes[0], sizes[1]),
-        torch.nn.ReLU(),
-        torch.nn.Linear(sizes[1], sizes[2]),
-    )
+    model = timing.torch_mlp(sizes)
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-
-    def step():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
-        return loss.item()
-
-    for _ in range(warmup):
-        step()
-    return step
+    return timing.sgd_step(
+        model, local_rows(x), local_rows(y), LEARNING_RATE, warmup
+    )
 
 
 def keras_fit(x, y, sizes, steps, warmup, native_step):
@@ -68,23 +54,11 @@ def keras_fit(x, y, sizes, steps, warmup, native_step):
     Returns:
         The median ms per step of Keras and of the native side.
     """
-    inputs = keras.Input((sizes[0],))
-    h = keras.layers.Dense(sizes[1], activation="relu")(inputs)
-    outputs = keras.layers.Dense(sizes[2])(h)
-    model = keras.Model(inputs, outputs)
-    model.compile(keras.optimizers.SGD(0.01), "mse")
-    timer = timing.InterleavedTimer(native_step, warmup)
-    repeats = steps + warmup
-    model.fit(
-        np.concatenate([x] * repeats),
-        np.concatenate([y] * repeats),
-        batch_size=len(x),
-        epochs=1,
-        shuffle=False,
-        verbose=0,
-        callbacks=[timer],
-    )
-    return timer.medians()
+    model = timing.keras_mlp(sizes)
+    model.compile(keras.optimizers.SGD(LEARNING_RATE), "mse")
+    return timing.fit_side_by_side(
+        model, x, y, steps, warmup, native_step
+    ).medians()
 
 
 def time_side_by_side(x, y, sizes, steps, warmup):

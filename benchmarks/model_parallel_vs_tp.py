@@ -273,11 +273,7 @@ def torch_tensor_parallel(weights, x, y, warmup, trace):
         "cpu", (dist.get_world_size(),), mesh_dim_names=("model",)
     )
     sizes = [weights[0].shape[0]] + [w.shape[0] for w in weights[1::2]]
-    module = torch.nn.Sequential(
-        torch.nn.Linear(sizes[0], sizes[1]),
-        torch.nn.ReLU(),
-        torch.nn.Linear(sizes[1], sizes[2]),
-    )
+    module = timing.torch_mlp(sizes)
     with torch.no_grad():
         for linear, kernel, bias in zip(
             (module[0], module[2]), weights[0::2], weights[1::2]
@@ -287,15 +283,7 @@ def torch_tensor_parallel(weights, x, y, warmup, trace):
     parallelize_module(
         module, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()}
     )
-    optimizer = torch.optim.SGD(module.parameters(), lr=LEARNING_RATE)
-    x, y = torch.as_tensor(x), torch.as_tensor(y)
-
-    def step():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.mse_loss(module(x), y)
-        loss.backward()
-        optimizer.step()
-        return loss.item()
+    step = timing.sgd_step(module, x, y, LEARNING_RATE)
 
     def final_weights():
         final = []
@@ -317,40 +305,12 @@ def time_one_shard_alone(x, y, sizes, steps, warmup):
     Returns:
         The median ms per step of Keras and of torch.
     """
-    hidden = sizes[1] // dist.get_world_size()
-    torch.manual_seed(0)
-    module = torch.nn.Sequential(
-        torch.nn.Linear(sizes[0], hidden),
-        torch.nn.ReLU(),
-        torch.nn.Linear(hidden, sizes[2]),
-    )
-    optimizer = torch.optim.SGD(module.parameters(), lr=LEARNING_RATE)
-    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
-
-    def step():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.mse_loss(module(xt), yt)
-        loss.backward()
-        optimizer.step()
-        return loss.item()
-
-    for _ in range(warmup):
-        step()
-    inputs = keras.Input((sizes[0],))
-    h = keras.layers.Dense(hidden, activation="relu")(inputs)
-    model = keras.Model(inputs, keras.layers.Dense(sizes[2])(h))
+    shard_sizes = (sizes[0], sizes[1] // dist.get_world_size(), sizes[2])
+    module = timing.torch_mlp(shard_sizes)
+    step = timing.sgd_step(module, x, y, LEARNING_RATE, warmup)
+    model = timing.keras_mlp(shard_sizes)
     model.compile(keras.optimizers.SGD(LEARNING_RATE), "mse")
-    timer = timing.InterleavedTimer(step, warmup)
-    model.fit(
-        np.concatenate([x] * (steps + warmup)),
-        np.concatenate([y] * (steps + warmup)),
-        batch_size=len(x),
-        epochs=1,
-        shuffle=False,
-        verbose=0,
-        callbacks=[timer],
-    )
-    return timer.medians()
+    return timing.fit_side_by_side(model, x, y, steps, warmup, step).medians()
 
 
 def keras_model_parallel(
@@ -379,27 +339,21 @@ def keras_model_parallel(
             layout_map=layout_map, batch_dim_name="batch"
         )
     )
-    inputs = keras.Input((weights[0].shape[0],))
-    h = keras.layers.Dense(weights[0].shape[1], activation="relu", name="up")(
-        inputs
-    )
-    outputs = keras.layers.Dense(weights[2].shape[1], name="down")(h)
-    model = keras.Model(inputs, outputs)
+    sizes = (weights[0].shape[0], weights[0].shape[1], weights[2].shape[1])
+    model = timing.keras_mlp(sizes, names=("up", "down"))
     model.set_weights(weights)
     model.compile(keras.optimizers.SGD(LEARNING_RATE), "mse")
     counter = CollectiveCounter(_axis_labels(mesh.backend_mesh), trace)
-    timer = timing.InterleavedTimer(native_step, warmup)
-    repeats = steps + warmup
-    model.fit(
-        np.concatenate([x] * repeats),
-        np.concatenate([y] * repeats),
-        batch_size=len(x),
-        epochs=1,
-        shuffle=False,
-        verbose=0,
-        # Counted first: the step counted is a warm-up step, which the
-        # timer neither times nor follows with a native step.
-        callbacks=[CountStep(counter, warmup - 1), timer],
+    # Counted first: the step counted is a warm-up step, which the timer
+    # neither times nor follows with a native step.
+    timer = timing.fit_side_by_side(
+        model,
+        x,
+        y,
+        steps,
+        warmup,
+        native_step,
+        callbacks=[CountStep(counter, warmup - 1)],
     )
     return timer.first_loss, timer, counter, model.get_weights()
 

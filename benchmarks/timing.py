@@ -1,5 +1,9 @@
 """Timing a Keras `fit` step and a native PyTorch step side by side.
 
+Both benchmarks train the same MLP (Linear or Dense, ReLU, Linear or Dense;
+MSE; SGD) on each side: `torch_mlp`, `keras_mlp`, `sgd_step` and
+`fit_side_by_side` build and run it.
+
 On a shared machine the speed of a step drifts over a run by more than the
 difference being measured, so timing one side and then the other compares
 two different minutes. `InterleavedTimer` runs one native step after each
@@ -11,6 +15,7 @@ import contextlib
 import statistics
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -82,3 +87,61 @@ class InterleavedTimer(keras.callbacks.Callback):
             statistics.median(self.keras_times),
             statistics.median(self.native_times),
         )
+
+
+def torch_mlp(sizes):
+    """The torch MLP `sizes[0]`-`sizes[1]`-`sizes[2]`, seeded."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(sizes[0], sizes[1]),
+        torch.nn.ReLU(),
+        torch.nn.Linear(sizes[1], sizes[2]),
+    )
+
+
+def keras_mlp(sizes, names=(None, None)):
+    """The Keras MLP `sizes[0]`-`sizes[1]`-`sizes[2]`, layers named
+    `names`."""
+    inputs = keras.Input((sizes[0],))
+    h = keras.layers.Dense(sizes[1], activation="relu", name=names[0])(inputs)
+    outputs = keras.layers.Dense(sizes[2], name=names[1])(h)
+    return keras.Model(inputs, outputs)
+
+
+def sgd_step(module, x, y, learning_rate, warmup=0):
+    """A callable running one MSE + SGD step of `module` on `(x, y)` and
+    returning the loss, after `warmup` such steps."""
+    optimizer = torch.optim.SGD(module.parameters(), lr=learning_rate)
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+
+    def step():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(module(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    for _ in range(warmup):
+        step()
+    return step
+
+
+def fit_side_by_side(model, x, y, steps, warmup, native_step, callbacks=()):
+    """Train a compiled `model` with `fit` on `steps + warmup` copies of the
+    batch `(x, y)`, one `native_step` after each step past `warmup`.
+
+    Returns:
+        The `InterleavedTimer` (after `callbacks`, which run first).
+    """
+    timer = InterleavedTimer(native_step, warmup)
+    repeats = steps + warmup
+    model.fit(
+        np.concatenate([x] * repeats),
+        np.concatenate([y] * repeats),
+        batch_size=len(x),
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[*callbacks, timer],
+    )
+    return timer

@@ -87,3 +87,26 @@ def shard_global_batch(array):
         return tensor
     layout = distribution.get_data_layout(tensor.shape)
     return keras.distribution.distribute_tensor(tensor, layout)
+
+
+def one_pass_gradients(model, loss_fn, x, y):
+    """Gradients of one forward and backward pass on the global batch
+    `(x, y)`, reduced once as the optimizer gets them, and that pass's
+    loss: `{"grad:<path>": ..., "grad_loss": ...}`."""
+    from keras.src.backend.torch import distributed_gradients
+
+    outputs = model(shard_global_batch(x), training=True)
+    loss = loss_fn(shard_global_batch(y), outputs)
+    model.zero_grad()
+    loss.backward()
+    variables = model.trainable_variables
+    grads = distributed_gradients.reduce_gradients(
+        [v.value.grad for v in variables]
+    )
+    model.zero_grad()
+    results = {"grad_loss": keras.ops.convert_to_numpy(loss)}
+    for variable, grad in zip(variables, grads):
+        if grad is None:
+            raise AssertionError(f"No gradient for {variable.path}")
+        results[f"grad:{variable.path}"] = keras.ops.convert_to_numpy(grad)
+    return results

@@ -85,27 +85,9 @@ def _momentum():
 
 
 def gradients(model, loss_fn, x, y):
-    """Gradients of one pass, reduced as the optimizer gets them."""
-    from keras.src.backend.torch import distributed_gradients
-
-    batch = (x, y)
-    if common.is_distributed():
-        from keras.src.backend.torch import distributed_data
-
-        batch = distributed_data.shard_batch(batch)
-    loss = loss_fn(batch[1], model(batch[0], training=True))
-    model.zero_grad()
-    loss.backward()
-    variables = model.trainable_variables
-    grads = distributed_gradients.reduce_gradients(
-        [v.value.grad for v in variables]
-    )
-    model.zero_grad()
-    results = {"grad_loss": keras.ops.convert_to_numpy(loss)}
-    for variable, grad in zip(variables, grads):
-        if grad is None:
-            raise AssertionError(f"No gradient for {variable.path}")
-        results[f"grad:{variable.path}"] = keras.ops.convert_to_numpy(grad)
+    """Gradients of one pass, reduced as the optimizer gets them, and the
+    shard of every variable this rank holds."""
+    results = common.one_pass_gradients(model, loss_fn, x, y)
     for variable in model.weights:
         value = variable.value
         local = value.to_local() if hasattr(value, "to_local") else value

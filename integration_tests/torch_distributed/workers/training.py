@@ -24,29 +24,6 @@ def _model_and_data(strategy):
     return models.transformer_classifier(), loss, ["accuracy"], x, y
 
 
-def one_pass_gradients(model, loss_fn, x, y):
-    """Gradients of one forward and backward pass, reduced once as the
-    optimizer gets them, and that pass's loss."""
-    from keras.src.backend.torch import distributed_gradients
-
-    loss = loss_fn(
-        common.shard_global_batch(y), model(common.shard_global_batch(x))
-    )
-    model.zero_grad()
-    loss.backward()
-    variables = model.trainable_variables
-    grads = distributed_gradients.reduce_gradients(
-        [v.value.grad for v in variables]
-    )
-    model.zero_grad()
-    results = {"grad_loss": keras.ops.convert_to_numpy(loss)}
-    for variable, grad in zip(variables, grads):
-        if grad is None:
-            raise AssertionError(f"No gradient for {variable.path}")
-        results[f"grad:{variable.path}"] = keras.ops.convert_to_numpy(grad)
-    return results
-
-
 def custom_loop(model, loss_fn, x, y):
     """An eager call, then a loop written with keras.ops and apply()."""
     eager = keras.ops.convert_to_numpy(model(common.shard_global_batch(x)))
@@ -97,7 +74,7 @@ def main():
     common.share_initial_weights(model, args.init)
     gradients = {}
     if args.strategy == "model":
-        gradients = one_pass_gradients(model, loss, x[:8], y[:8])
+        gradients = common.one_pass_gradients(model, loss, x[:8], y[:8])
     model.compile(keras.optimizers.Adam(0.01), loss, metrics=metrics)
     history = model.fit(
         x, y, batch_size=16, epochs=2, verbose=0, shuffle=False
