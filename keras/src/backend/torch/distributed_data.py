@@ -155,7 +155,7 @@ def from_process_local(local, layout, batch_dim_name):
     if counts == chunk_sizes(total, parts):
         placements = list(layout.placements)
         placements[batch_axis] = Shard(0)
-        return dtensor_utils.from_local_with_shape(
+        return dtensor_utils.from_local(
             local, mesh, placements, (total, *local.shape[1:])
         )
     # Sizes that do not follow DTensor's split: gather every row, then keep

@@ -25,6 +25,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate
 
+from keras.src.backend.torch import dtensor_utils
+
 # Buckets start their all-reduce once they hold this many megabytes.
 BUCKET_MB_ENV = "KERAS_TORCH_GRADIENT_BUCKET_MB"
 _DEFAULT_BUCKET_MB = 4.0
@@ -163,13 +165,8 @@ class _Bucket:
             results[id(grad)] = (
                 grad,
                 version,
-                DTensor.from_local(
-                    reduced.view(local.shape),
-                    mesh,
-                    placements,
-                    run_check=False,
-                    shape=grad.shape,
-                    stride=grad.stride(),
+                dtensor_utils.from_local(
+                    reduced.view(local.shape), mesh, placements, grad.shape
                 ),
             )
         return results

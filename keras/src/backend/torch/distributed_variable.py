@@ -112,7 +112,7 @@ def parameter_from_initializer(variable, initializer, device):
                 initializer, variable._shape, variable._dtype, mesh, placements
             )
             local = variable._convert_to_tensor(local, dtype=variable._dtype)
-            value = dtensor_utils.from_local_with_shape(
+            value = dtensor_utils.from_local(
                 local.to(device), mesh, placements, variable._shape
             )
             return _as_parameter(variable, value, True)

@@ -8,7 +8,7 @@ tensors made by layers, variables created before the distribution.
 NOTE [promotion]: once the first DTensor exists, a `TorchFunctionMode` is
 pushed for the rest of the process. For every torch call whose arguments
 include a DTensor, each plain tensor argument is promoted to a DTensor
-replicated on the same mesh (`DTensor.from_local`, no communication). That
+replicated on the same mesh (`dtensor_utils.from_local`, no communication). That
 covers every backend op (numpy, nn, math, linalg, layer code) in one place.
 The promotion is differentiable, so backward sees only DTensors and needs
 nothing more: a gradient flowing back to a promoted plain tensor arrives as
@@ -69,6 +69,7 @@ from torch.overrides import TorchFunctionMode
 
 from keras.src.backend.common.variables import Variable as KerasVariable
 from keras.src.backend.torch import dtensor_rules
+from keras.src.backend.torch import dtensor_utils
 
 _lock = threading.Lock()
 _enabled_threads = set()
@@ -107,7 +108,7 @@ def _promote(arg, mesh, placements):
     if isinstance(arg, torch.Tensor):
         if arg.device.type != mesh.device_type:
             arg = arg.to(mesh.device_type)
-        return DTensor.from_local(arg, mesh, placements, run_check=False)
+        return dtensor_utils.from_local(arg, mesh, placements)
     return arg
 
 

@@ -110,9 +110,7 @@ def _convolution(func, input, weight, bias=None, *args, **kwargs):
         Shard(0) if i.is_shard() else Shard(1) if w.is_shard() else Replicate()
         for i, w in zip(input_placements, weight_placements)
     ]
-    return dtensor_utils.from_local_with_shape(
-        output, mesh, output_placements, shape
-    )
+    return dtensor_utils.from_local(output, mesh, output_placements, shape)
 
 
 def _embedding(func, input, weight, *args, **kwargs):
@@ -185,7 +183,7 @@ def run_replicated(func, mesh, args, kwargs):
 
     def to_dtensor(x):
         if isinstance(x, torch.Tensor) and not isinstance(x, DTensor):
-            return DTensor.from_local(x, mesh, replicate, run_check=False)
+            return dtensor_utils.from_local(x, mesh, replicate)
         if isinstance(x, (list, tuple)):
             return type(x)(to_dtensor(item) for item in x)
         return x
@@ -196,9 +194,7 @@ def run_replicated(func, mesh, args, kwargs):
     if target is not None:
         # The op wrote to a replicated copy of `target`: write the new value
         # back into `target`, in its own layout, for the caller to see it.
-        written = DTensor.from_local(
-            local_args[0], mesh, replicate, run_check=False
-        )
+        written = dtensor_utils.from_local(local_args[0], mesh, replicate)
         target.copy_(written.redistribute(mesh, target.placements))
         return target if output is local_args[0] else to_dtensor(output)
     return to_dtensor(output)
