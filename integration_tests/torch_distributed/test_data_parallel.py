@@ -24,8 +24,9 @@ NOISE = "weight:hidden/bias"
 def test_every_input_matches_single_process(tmp_path):
     args = ["--init", str(tmp_path / "init")]
     reference = launcher.run_reference("data_parallel.py", tmp_path, args)
-    # Buckets of 0 MB: every gradient's all-reduce starts during backward,
-    # so the reuse rules of those early reductions are exercised.
+    # Buckets of 0 MB: every gradient is its own bucket, reduced in place
+    # during backward (the path of large gradients), and gradient
+    # accumulation adds a second backward's gradients to reduced ones.
     _, output, results = launcher.run_workers(
         "data_parallel.py",
         2,

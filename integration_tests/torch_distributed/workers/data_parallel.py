@@ -215,8 +215,8 @@ def custom_loop(init, x, y, weights):
 def accumulate(init, x, y, weights):
     # Gradient accumulation: two backward passes (two global micro-batches)
     # before each `optimizer.apply`, then the sum halved in place. The
-    # reductions started during backward are stale by then: they must not
-    # be used.
+    # first pass leaves reduced gradients; the second adds its own, which
+    # must be reduced once too.
     model = make_model(init)
     optimizer = keras.optimizers.SGD(0.05)
     loss_fn = keras.losses.BinaryCrossentropy()
