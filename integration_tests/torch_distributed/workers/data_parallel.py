@@ -9,6 +9,7 @@ does not divide by the number of ranks, and records history, `evaluate`,
 import common
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset
 from torch.utils.data import DistributedSampler
@@ -206,7 +207,16 @@ def custom_loop(init, x, y, weights):
         model.zero_grad()
         loss.backward()
         variables = model.trainable_variables
-        optimizer.apply([v.value.grad for v in variables], variables)
+        grads = [v.value.grad for v in variables]
+        # Backward leaves every gradient reduced, as DDP does.
+        partial = [
+            v.path
+            for v, g in zip(variables, grads)
+            if isinstance(g, DTensor)
+            and any(p.is_partial() for p in g.placements)
+        ]
+        assert not partial, f"Partial after backward: {partial}"
+        optimizer.apply(grads, variables)
         losses.append(keras.ops.convert_to_numpy(loss))
     return model, {"loss": np.array(losses)}, [], None
 
