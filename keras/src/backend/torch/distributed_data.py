@@ -10,6 +10,10 @@ ranks.
 When the data is already per rank, each rank's rows are assembled into the
 global batch instead (`from_process_local`): with `auto_shard_dataset=False`,
 or when a torch `DataLoader` samples with a `DistributedSampler`.
+
+When the batch is not sharded at all (a model-parallel mesh without a batch
+axis), the trainer computes loss and metrics on local tensors instead
+(`local_if_replicated`).
 """
 
 import numpy as np
@@ -168,3 +172,42 @@ def from_process_local(local, layout, batch_dim_name):
     dist.all_gather(pieces, padded, group=group)
     full = torch.cat([p[:n] for p, n in zip(pieces, counts)])
     return distribute_tensor(full, mesh, layout.placements, src_data_rank=None)
+
+
+def _is_replicated(x):
+    return isinstance(x, DTensor) and all(
+        p.is_replicate() for p in x.placements
+    )
+
+
+def local_if_replicated(*values):
+    """The local tensors of batch values that every rank holds in full.
+
+    Under a model-parallel mesh without a batch axis, predictions and
+    targets are replicated DTensors: each rank holds the same full value.
+    Keras computes the loss and metrics from them with a few dozen small
+    ops, each of which costs DTensor's dispatch on DTensors (the loss of a
+    512-4096-512 MLP on a `(1, 2)` mesh took 2.6 ms of a 34 ms step, 0.8 ms
+    on plain tensors). On the local tensors the same ops give the same
+    values on every rank; their gradient flows back into the DTensor graph
+    as a replicated one. Values with any sharded or `Partial` DTensor among
+    them (a batch-sharded prediction) are returned as they are: their loss
+    needs DTensor's global reductions.
+
+    Args:
+        *values: Nests of tensors, e.g. `y, y_pred, sample_weight`.
+
+    Returns:
+        `values`, as a tuple, with every DTensor replaced by its local
+        tensor if every DTensor among them is replicated; else unchanged.
+    """
+    leaves = [x for x in tree.flatten(values) if isinstance(x, DTensor)]
+    if not leaves or not all(_is_replicated(x) for x in leaves):
+        return values
+
+    def local(x):
+        if isinstance(x, DTensor):
+            return x.to_local(grad_placements=x.placements)
+        return x
+
+    return tuple(tree.map_structure(local, value) for value in values)
