@@ -52,29 +52,29 @@ def keras_fit(x, y, sizes, steps, warmup, native_step):
     """Train the MLP with `fit`, a `native_step` after each step.
 
     Returns:
-        The median ms per step of Keras and of the native side.
+        The median ms per step of Keras and of the native side, and the
+        median of their per-step ratios.
     """
     model = timing.keras_mlp(sizes)
     model.compile(keras.optimizers.SGD(LEARNING_RATE), "mse")
-    return timing.fit_side_by_side(
-        model, x, y, steps, warmup, native_step
-    ).medians()
+    timer = timing.fit_side_by_side(model, x, y, steps, warmup, native_step)
+    return (*timer.medians(), timer.paired_ratio())
 
 
 def time_side_by_side(x, y, sizes, steps, warmup):
     """Time Keras beside torch, without and then with distribution.
 
     Returns:
-        The median ms per step of: Keras without a distribution, each rank
-        training on its own rows; a plain torch loop alike; Keras with
-        `DataParallel`; DDP.
+        Two `keras_fit` results: without a distribution (each rank
+        training Keras, and a plain torch loop, on its own rows alone),
+        then Keras with `DataParallel` beside DDP.
     """
     # Keras's own cost: the same per-rank work, with no communication.
     local = torch_step(x, y, sizes, warmup, ddp=False)
     alone = keras_fit(local_rows(x), local_rows(y), sizes, steps, warmup, local)
     keras.distribution.set_distribution(keras.distribution.DataParallel())
     ddp = torch_step(x, y, sizes, warmup)
-    return alone + keras_fit(x, y, sizes, steps, warmup, ddp)
+    return alone, keras_fit(x, y, sizes, steps, warmup, ddp)
 
 
 def main():
@@ -89,7 +89,7 @@ def main():
     x = rng.normal(size=(args.batch, sizes[0])).astype("float32")
     y = rng.normal(size=(args.batch, sizes[2])).astype("float32")
     keras.distribution.list_devices()  # Forms the world under torchrun.
-    alone, local, ours, ddp = time_side_by_side(
+    (alone, local, alone_ratio), (ours, ddp, ratio) = time_side_by_side(
         x, y, sizes, args.steps, args.warmup
     )
     if RANK == 0:
@@ -99,12 +99,14 @@ def main():
             f"{args.steps} steps (median)\n"
             f"  torch DDP:             {ddp:8.2f} ms/step\n"
             f"  keras DataParallel:    {ours:8.2f} ms/step\n"
-            f"  ratio keras / DDP:     {ours / ddp:8.3f}\n"
+            f"  ratio keras / DDP:     {ratio:8.3f} (median of per-step "
+            f"ratios; of the medians: {ours / ddp:.3f})\n"
             f"each rank alone on its {args.batch // world} rows, no "
             "communication (Keras's own cost):\n"
             f"  torch:                 {local:8.2f} ms/step\n"
             f"  keras:                 {alone:8.2f} ms/step\n"
-            f"  ratio keras / torch:   {alone / local:8.3f}"
+            f"  ratio keras / torch:   {alone_ratio:8.3f} (of the medians: "
+            f"{alone / local:.3f})"
         )
 
 

@@ -303,14 +303,16 @@ def time_one_shard_alone(x, y, sizes, steps, warmup):
     with `fit` and no distribution, a plain torch step after each step.
 
     Returns:
-        The median ms per step of Keras and of torch.
+        The median ms per step of Keras and of torch, and the median of
+        their per-step ratios.
     """
     shard_sizes = (sizes[0], sizes[1] // dist.get_world_size(), sizes[2])
     module = timing.torch_mlp(shard_sizes)
     step = timing.sgd_step(module, x, y, LEARNING_RATE, warmup)
     model = timing.keras_mlp(shard_sizes)
     model.compile(keras.optimizers.SGD(LEARNING_RATE), "mse")
-    return timing.fit_side_by_side(model, x, y, steps, warmup, step).medians()
+    timer = timing.fit_side_by_side(model, x, y, steps, warmup, step)
+    return (*timer.medians(), timer.paired_ratio())
 
 
 def keras_model_parallel(
@@ -403,7 +405,7 @@ def main():
     # torch function mode (keras/src/backend/torch/dtensor_promotion.py)
     # sees every torch call of the thread; `timing` sets it aside while a
     # TP step runs.
-    alone, alone_torch = time_one_shard_alone(
+    alone, alone_torch, alone_ratio = time_one_shard_alone(
         x, y, sizes, args.steps, args.warmup
     )
     tp_loss, tp_step, tp_counter, tp_final = torch_tensor_parallel(
@@ -435,12 +437,14 @@ def main():
             f"{dist.get_world_size()}), {args.steps} steps (median)\n"
             f"  torch TP:              {tp_ms:8.2f} ms/step\n"
             f"  keras ModelParallel:   {ours_ms:8.2f} ms/step{layout}\n"
-            f"  ratio keras / TP:      {ours_ms / tp_ms:8.3f}\n"
+            f"  ratio keras / TP:      {timer.paired_ratio():8.3f} (median of "
+            f"per-step ratios; of the medians: {ours_ms / tp_ms:.3f})\n"
             f"each rank alone, its shards' MLP on the whole batch, no "
             "communication (Keras's own cost):\n"
             f"  torch:                 {alone_torch:8.2f} ms/step\n"
             f"  keras:                 {alone:8.2f} ms/step\n"
-            f"  ratio keras / torch:   {alone / alone_torch:8.3f}\n"
+            f"  ratio keras / torch:   {alone_ratio:8.3f} (of the medians: "
+            f"{alone / alone_torch:.3f})\n"
             f"first-step loss: torch TP {tp_loss:.7f}, keras "
             f"{ours_loss:.7f} (relative difference {loss_diff:.1e})\n"
             f"weights after {args.steps + args.warmup} steps: largest "

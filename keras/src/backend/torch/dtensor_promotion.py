@@ -84,19 +84,43 @@ def _value(arg):
     return arg.value if isinstance(arg, KerasVariable) else arg
 
 
-def _find_mesh(args, kwargs):
-    """Return the mesh of the first DTensor among the arguments, or None."""
+def _scan(args, kwargs):
+    """Find the arguments' mesh, and whether any argument needs promoting.
+
+    One pass over the arguments, looking one level into lists and tuples
+    (`torch.cat`, `torch._foreach_*`). Most calls that meet a DTensor have
+    only DTensors and Python values: they skip promotion altogether.
+
+    Returns:
+        `(mesh, promote)`: the mesh of the first DTensor (or Keras variable
+        holding one), None if there is none; and whether there is a plain
+        tensor to promote or a Keras variable to replace by its value.
+    """
+    mesh = None
+    promote = False
     for group in (args, kwargs.values()):
         for arg in group:
-            arg = _value(arg)
-            if isinstance(arg, DTensor):
-                return arg.device_mesh
             if isinstance(arg, (list, tuple)):
                 for item in arg:
-                    item = _value(item)
                     if isinstance(item, DTensor):
-                        return item.device_mesh
-    return None
+                        if mesh is None:
+                            mesh = item.device_mesh
+                    elif isinstance(item, (torch.Tensor, KerasVariable)):
+                        promote = True
+                        if mesh is None and isinstance(item, KerasVariable):
+                            mesh = _mesh_of(item.value)
+            elif isinstance(arg, DTensor):
+                if mesh is None:
+                    mesh = arg.device_mesh
+            elif isinstance(arg, (torch.Tensor, KerasVariable)):
+                promote = True
+                if mesh is None and isinstance(arg, KerasVariable):
+                    mesh = _mesh_of(arg.value)
+    return mesh, promote
+
+
+def _mesh_of(value):
+    return value.device_mesh if isinstance(value, DTensor) else None
 
 
 def _promote(arg, mesh, placements):
@@ -261,13 +285,14 @@ class PromoteToDTensorMode(TorchFunctionMode):
             # Attribute reads (`.grad`, `.dtype`): nothing to promote or
             # settle, and the most frequent call by far.
             return func(*args, **kwargs)
-        mesh = _find_mesh(args, kwargs)
+        mesh, promote = _scan(args, kwargs)
         if mesh is not None:
-            placements = [Replicate()] * mesh.ndim
-            args = tuple(_promote(a, mesh, placements) for a in args)
-            kwargs = {
-                k: _promote(v, mesh, placements) for k, v in kwargs.items()
-            }
+            if promote:
+                placements = [Replicate()] * mesh.ndim
+                args = tuple(_promote(a, mesh, placements) for a in args)
+                kwargs = {
+                    k: _promote(v, mesh, placements) for k, v in kwargs.items()
+                }
             rule = dtensor_rules.RULES.get(func)
             if rule is not None:
                 result = rule(func, *args, **kwargs)
@@ -284,7 +309,7 @@ class PromoteToDTensorMode(TorchFunctionMode):
                     result = dtensor_rules.run_replicated(
                         func, mesh, args, kwargs
                     )
-            if dtensor_rules.is_in_place(func) or (args and result is args[0]):
+            if (args and result is args[0]) or dtensor_rules.is_in_place(func):
                 # In-place ops, and no-op conversions that return their
                 # input (settled when it was made).
                 return result
