@@ -50,7 +50,15 @@ def test_variables_shards_and_replicas(tmp_path):
         assert int(result["iterations"]) == 2
         assert not bool(result["iterations_requires_grad"])
         assert not bool(result["int_trainable_requires_grad"])
-    parity.assert_same_on_every_rank(results, ["full:", "wide:", "replicated"])
+        # Scalars that need no gradient are plain tensors (the worker
+        # asserts it), identical on every rank; trainable ones are not.
+        assert float(result["scalar:own"]) == 1.0  # Rank 0's value.
+        # The tracker counts samples: all 8 of the global batches.
+        assert float(result["scalar:loss_count"]) == 8.0
+        assert bool(result["scalar_trainable_requires_grad"])
+    parity.assert_same_on_every_rank(
+        results, ["full:", "wide:", "replicated", "scalar:"]
+    )
 
 
 def test_sharded_variables_are_drawn_shard_by_shard(tmp_path):

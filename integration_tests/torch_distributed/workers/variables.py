@@ -81,7 +81,9 @@ def main():
     optimizer = keras.optimizers.Adam(0.1)
     model.compile(optimizer, "mse")
     x, y = common.data(0, (8, 8), (8, 4))
-    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    # Not shuffled: each rank seeded its generator differently, so each
+    # would shuffle differently, and every rank must see the same batches.
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
     # Adam's moments take their variable's layout: same placements, and
     # local shards of the same shape.
     for v in model.trainable_variables:
@@ -97,7 +99,33 @@ def main():
     results["iterations_requires_grad"] = iterations.value.requires_grad
     counter = keras.Variable(np.arange(6, dtype="int32"), trainable=True)
     results["int_trainable_requires_grad"] = counter.value.requires_grad
+    scalars(model, results)
     common.save_results(**results)
+
+
+def scalars(model, results):
+    """Scalars that need no gradient are plain tensors holding rank 0's
+    value (NOTE [plain scalars]); trainable ones stay DTensors."""
+    tracker = model._loss_tracker
+    for name, variable in (
+        ("iterations", model.optimizer.iterations),
+        ("learning_rate", model.optimizer._learning_rate),
+        ("loss_total", tracker.total),
+        ("loss_count", tracker.count),
+    ):
+        assert not dtensor_utils.is_dtensor(variable.value), name
+        results[f"scalar:{name}"] = keras.ops.convert_to_numpy(variable)
+    # A different initial value on each rank: rank 0's is kept.
+    own = keras.Variable(1.0 + common.RANK, trainable=False, name="own")
+    assert not dtensor_utils.is_dtensor(own.value)
+    results["scalar:own"] = keras.ops.convert_to_numpy(own)
+    # A DTensor meets it: promoted, and the result is assigned back.
+    own.assign(own + model.layers[-1].kernel[0, 0])
+    assert not dtensor_utils.is_dtensor(own.value)
+    results["scalar:own_after"] = keras.ops.convert_to_numpy(own)
+    trainable = keras.Variable(2.0, name="temperature")
+    assert dtensor_utils.is_dtensor(trainable.value)
+    results["scalar_trainable_requires_grad"] = trainable.value.requires_grad
 
 
 if __name__ == "__main__":

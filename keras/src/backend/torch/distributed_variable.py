@@ -8,6 +8,20 @@ replicated). Each rank holds only its shard:
   (`shard_initializers`), so it never exists in full on any rank;
 - otherwise rank 0's full initial value is the one kept (broadcast or
   scattered), so replicated variables are identical on every rank.
+
+NOTE [plain scalars]: a scalar variable that needs no gradient (a metric's
+`total` and `count`, the optimizer's `iterations` and learning rate, a loss
+scale) keeps rank 0's initial value as a plain tensor instead. A scalar
+cannot be sharded, and every value assigned to it is global: a DTensor is
+reduced or gathered first (`value_to_assign`), and the promotion mode
+makes a DTensor of the plain value wherever it meets one. As a DTensor,
+each of Keras's bookkeeping calls on it (`assign_add`, `divide_no_nan`)
+cost 5-10 times as much, through DTensor's dispatch; a training step makes
+dozens. A plain value assigned to such a scalar is taken as it is on each
+rank, as the promotion mode takes plain values that meet DTensors (values
+computed from replicated state); a replicated DTensor variable instead
+takes rank 0's, at the cost of a broadcast (a metric reset was two per
+`train_on_batch`).
 """
 
 import math
@@ -40,15 +54,19 @@ def _as_parameter(variable, value, distributed):
     gradients: integer variables (the optimizer's `iterations`, seeds,
     counters) cannot, and are plain non-trainable parameters.
     """
-    requires_grad = bool(variable.trainable) and (
-        value.is_floating_point() or value.is_complex()
-    )
+    requires_grad = _requires_grad(variable, value)
     parameter = torch.nn.Parameter(value, requires_grad=requires_grad)
     if distributed and requires_grad:
         from keras.src.backend.torch import distributed_gradients
 
         distributed_gradients.watch(parameter)
     return parameter
+
+
+def _requires_grad(variable, value):
+    return bool(variable.trainable) and (
+        value.is_floating_point() or value.is_complex()
+    )
 
 
 def new_parameter(variable, value, device):
@@ -60,20 +78,25 @@ def new_parameter(variable, value, device):
         device: The torch device the value belongs on.
 
     Returns:
-        A `torch.nn.Parameter`, wrapping a DTensor when distributed.
+        A `torch.nn.Parameter`, wrapping a DTensor when distributed (but
+        see NOTE [plain scalars]).
     """
     value = value.to(device)
     # The distribution reads the shape to choose a layout; for a variable
     # created from a value it is not set yet.
     variable._shape = variable._validate_shape(value.shape)
     layout = _variable_layout(variable)
-    if layout is not None:
-        from keras.src.backend.torch import distribution_lib
+    if layout is None:
+        return _as_parameter(variable, value, False)
+    from keras.src.backend.torch import distribution_lib
 
-        value = distribution_lib._distribute_variable(
-            value, layout, f"variable '{variable.path}'"
-        )
-    return _as_parameter(variable, value, layout is not None)
+    value = distribution_lib._distribute_variable(
+        value, layout, f"variable '{variable.path}'"
+    )
+    if value.ndim == 0 and not _requires_grad(variable, value):
+        # NOTE [plain scalars]. Replicated: the local value is rank 0's.
+        return _as_parameter(variable, value.to_local(), False)
+    return _as_parameter(variable, value, True)
 
 
 def parameter_from_initializer(variable, initializer, device):
