@@ -14,7 +14,25 @@ or when a torch `DataLoader` samples with a `DistributedSampler`.
 When the batch is not sharded at all (a model-parallel mesh without a batch
 axis), the trainer computes loss and metrics on local tensors instead
 (`local_if_replicated`).
+
+NOTE [same batches]: the global batch must be the same on every rank, or
+each rank trains on different data and nothing says so. Ranks shuffle
+alike when they share Keras's seed (`process_group` gives them one unless
+the user set a seed), but a user may seed each rank differently (for
+different dropout masks, as with DDP). So, under an auto-sharding
+distribution:
+
+- a `RandomSampler` without a generator of its own (arrays with
+  `shuffle=True`, a `DataLoader(shuffle=True)`) draws each epoch's order
+  from a seed rank 0 draws as the sampler itself would, and broadcasts:
+  the order is the one a single process seeded like rank 0 would use;
+- the first batch of every epoch is fingerprinted on every rank and
+  compared (one small all-gather per epoch): batches that still differ
+  (`shuffle="batch"`, a shuffled `PyDataset`, a generator reading
+  rank-dependent data) raise `ValueError` on every rank.
 """
+
+import hashlib
 
 import numpy as np
 import torch
@@ -82,7 +100,111 @@ def shard_batches(data_adapter, batches):
     if sampler is not None:
         _check_sampler(sampler, distribution)
         per_process = True
-    return (shard_batch(batch, per_process) for batch in batches)
+    if per_process:
+        return (shard_batch(batch, True) for batch in batches)
+    _agree_on_order(batches)
+    # Iterated now, as Keras iterates a `DataLoader` it is handed (a new
+    # iterator draws from the global generator): the draws, and so the
+    # shuffles, stay those of a single process.
+    return _shard_checked(iter(batches))
+
+
+def _shard_checked(batches):
+    first = True
+    for batch in batches:
+        if first:
+            _check_same_batch(batch)
+            first = False
+        yield shard_batch(batch, False)
+
+
+def _agree_on_order(loader):
+    """Make a shuffling `DataLoader` draw rank 0's order; see NOTE [same
+    batches]."""
+    from torch.utils.data import RandomSampler
+
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", None)
+    if isinstance(sampler, RandomSampler):
+        batch_sampler.sampler = _RankZeroOrder(sampler)
+
+
+class _RankZeroOrder:
+    """Iterates a `RandomSampler` in the order rank 0 draws.
+
+    Without a generator of its own, a `RandomSampler` seeds one from the
+    global generator each time it is iterated. This draws that seed at the
+    same moment, the same way, and every rank uses rank 0's: the order is
+    the one a single process seeded like rank 0 would use.
+    """
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        sampler = self.sampler
+        if sampler.generator is not None:
+            # The user's own generator: the user's choice (checked by
+            # `_check_same_batch`).
+            yield from sampler
+            return
+        seed = [int(torch.empty((), dtype=torch.int64).random_().item())]
+        dist.broadcast_object_list(seed, src=0)
+        sampler.generator = torch.Generator()
+        sampler.generator.manual_seed(seed[0])
+        try:
+            # `RandomSampler.__iter__` reads its generator when it starts.
+            indices = iter(sampler)
+            first = next(indices, None)
+        finally:
+            sampler.generator = None
+        if first is None:
+            return
+        yield first
+        yield from indices
+
+
+def _fingerprint(batch):
+    """A hash of a batch's arrays: shapes, dtypes and up to 65,536 evenly
+    spaced elements of each (rows in another order change them)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for leaf in tree.flatten(batch):
+        if isinstance(leaf, torch.Tensor):
+            flat = leaf.detach().reshape(-1)
+            flat = flat[:: max(1, flat.numel() // 65536)].contiguous().cpu()
+            data = flat.view(torch.uint8).numpy().tobytes()
+        elif isinstance(leaf, np.ndarray) and leaf.dtype.kind in "biufc":
+            flat = leaf.reshape(-1)
+            data = np.ascontiguousarray(flat[:: max(1, flat.size // 65536)])
+            data = data.tobytes()
+        else:
+            continue
+        digest.update(f"{tuple(leaf.shape)} {leaf.dtype}".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def _check_same_batch(batch):
+    """Raise on every rank if the ranks' first batches differ."""
+    mine = _fingerprint(batch)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    differ = [rank for rank, theirs in enumerate(everyone) if theirs != mine]
+    if differ:
+        raise ValueError(
+            "Under a distribution, every rank must read the same global "
+            "batches (each keeps its slice), but the first batch of this "
+            f"epoch differs between rank {dist.get_rank()} and ranks "
+            f"{differ}. Received data that differs by rank: typically a "
+            "shuffle seeded differently on each rank (`shuffle='batch'`, a "
+            "shuffled `PyDataset`, a DataLoader sampler with a generator of "
+            "its own) or a source that reads rank-dependent data. Seed every "
+            "rank alike, or give each rank its own rows with "
+            "`auto_shard_dataset=False` or a `DistributedSampler`."
+        )
 
 
 def shard_batch(data, per_process=None):
