@@ -130,3 +130,12 @@ def run_reference(script, tmp_path, args=(), timeout=DEFAULT_TIMEOUT):
             f"Reference run of {script} exited with {returncode}.\n{output}"
         )
     return dict(np.load(results_dir / "rank0.npz"))
+
+
+def assert_every_rank_printed(output, message, nproc=2):
+    """Each of `nproc` ranks printed `message` (on a `[rankN]` line)."""
+    for rank in range(nproc):
+        lines = [
+            line for line in output.splitlines() if f"[rank{rank}]" in line
+        ]
+        assert any(message in line for line in lines), (rank, output)

@@ -18,9 +18,6 @@ def test_sampler_for_another_world_fails_on_every_rank(tmp_path):
         "bad_sampler.py", 2, tmp_path, expect_success=False, timeout=120
     )
     assert returncode != 0
-    message = "DistributedSampler splits the data 3 ways"
-    for rank in range(2):
-        lines = [
-            line for line in output.splitlines() if f"[rank{rank}]" in line
-        ]
-        assert any(message in line for line in lines), output
+    launcher.assert_every_rank_printed(
+        output, "DistributedSampler splits the data 3 ways"
+    )

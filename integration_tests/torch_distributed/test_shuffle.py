@@ -26,9 +26,6 @@ def test_batches_that_differ_fail_on_every_rank(tmp_path):
         timeout=120,
     )
     assert returncode != 0
-    message = "the first batch of this epoch differs"
-    for rank in range(2):
-        lines = [
-            line for line in output.splitlines() if f"[rank{rank}]" in line
-        ]
-        assert any(message in line for line in lines), output
+    launcher.assert_every_rank_printed(
+        output, "the first batch of this epoch differs"
+    )

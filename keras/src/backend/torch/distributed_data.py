@@ -110,11 +110,9 @@ def shard_batches(data_adapter, batches):
 
 
 def _shard_checked(batches):
-    first = True
-    for batch in batches:
-        if first:
+    for index, batch in enumerate(batches):
+        if index == 0:
             _check_same_batch(batch)
-            first = False
         yield shard_batch(batch, False)
 
 

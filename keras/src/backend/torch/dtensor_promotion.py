@@ -84,12 +84,22 @@ def _value(arg):
     return arg.value if isinstance(arg, KerasVariable) else arg
 
 
+def _arguments(args, kwargs):
+    """Every argument, and the items of list and tuple arguments
+    (`torch.cat`, `torch._foreach_*`)."""
+    for group in (args, kwargs.values()):
+        for arg in group:
+            if isinstance(arg, (list, tuple)):
+                yield from arg
+            else:
+                yield arg
+
+
 def _scan(args, kwargs):
     """Find the arguments' mesh, and whether any argument needs promoting.
 
-    One pass over the arguments, looking one level into lists and tuples
-    (`torch.cat`, `torch._foreach_*`). Most calls that meet a DTensor have
-    only DTensors and Python values: they skip promotion altogether.
+    Most calls that meet a DTensor have only DTensors and Python values:
+    they skip promotion altogether.
 
     Returns:
         `(mesh, promote)`: the mesh of the first DTensor (or Keras variable
@@ -98,29 +108,15 @@ def _scan(args, kwargs):
     """
     mesh = None
     promote = False
-    for group in (args, kwargs.values()):
-        for arg in group:
-            if isinstance(arg, (list, tuple)):
-                for item in arg:
-                    if isinstance(item, DTensor):
-                        if mesh is None:
-                            mesh = item.device_mesh
-                    elif isinstance(item, (torch.Tensor, KerasVariable)):
-                        promote = True
-                        if mesh is None and isinstance(item, KerasVariable):
-                            mesh = _mesh_of(item.value)
-            elif isinstance(arg, DTensor):
-                if mesh is None:
-                    mesh = arg.device_mesh
-            elif isinstance(arg, (torch.Tensor, KerasVariable)):
-                promote = True
-                if mesh is None and isinstance(arg, KerasVariable):
-                    mesh = _mesh_of(arg.value)
+    for arg in _arguments(args, kwargs):
+        if isinstance(arg, KerasVariable):
+            promote = True
+            arg = arg.value
+        elif isinstance(arg, torch.Tensor) and not isinstance(arg, DTensor):
+            promote = True
+        if mesh is None and isinstance(arg, DTensor):
+            mesh = arg.device_mesh
     return mesh, promote
-
-
-def _mesh_of(value):
-    return value.device_mesh if isinstance(value, DTensor) else None
 
 
 def _promote(arg, mesh, placements):
