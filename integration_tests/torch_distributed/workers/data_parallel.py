@@ -204,6 +204,9 @@ def custom_loop(init, x, y, weights):
         batch = {k: common.shard_global_batch(v[rows]) for k, v in x.items()}
         target = common.shard_global_batch(y[rows][:, None])
         loss = loss_fn(target, model(batch, training=True))
+        # A scalar computed from the batch is a plain tensor, the same on
+        # every rank (NOTE [scalar results] in `dtensor_promotion`).
+        assert not isinstance(loss, DTensor), type(loss)
         model.zero_grad()
         loss.backward()
         variables = model.trainable_variables

@@ -53,14 +53,6 @@ def _bucket_bytes():
         )
 
 
-_REDUCE_OPS = {
-    "sum": dist.ReduceOp.SUM,
-    "avg": dist.ReduceOp.SUM,
-    "max": dist.ReduceOp.MAX,
-    "min": dist.ReduceOp.MIN,
-}
-
-
 def _reduction_key(grad):
     """What decides which grads share a buffer, or None if none needed."""
     if not isinstance(grad, DTensor):
@@ -139,10 +131,10 @@ class _Bucket:
         to be replaced by its reduced value may be."""
         mesh, axes, ops, _, _ = self.key
         for op in ops:
-            if op not in _REDUCE_OPS:
+            if op not in dtensor_utils.REDUCE_OPS:
                 raise ValueError(
                     f"Cannot reduce a gradient that is Partial({op!r}). "
-                    f"Supported reductions: {sorted(_REDUCE_OPS)}."
+                    f"Supported reductions: {sorted(dtensor_utils.REDUCE_OPS)}."
                 )
         locals_ = [_local(g).detach().reshape(-1) for g in self.grads]
         self.in_place = (
@@ -159,7 +151,7 @@ class _Bucket:
                 )
         self.work = dist.all_reduce(
             self.flat,
-            op=_REDUCE_OPS[ops[0]],
+            op=dtensor_utils.REDUCE_OPS[ops[0]],
             group=mesh.get_group(axes[0]),
             async_op=async_op,
         )
@@ -178,7 +170,7 @@ class _Bucket:
                 if index:
                     dist.all_reduce(
                         self.flat,
-                        op=_REDUCE_OPS[op],
+                        op=dtensor_utils.REDUCE_OPS[op],
                         group=mesh.get_group(axis),
                     )
                 if op == "avg":

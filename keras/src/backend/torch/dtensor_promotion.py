@@ -35,9 +35,26 @@ backward then reuses the `Partial` input: gradients upstream come out
 gradient would be all of the kernel on every rank). Reducing it with an
 explicit redistribution costs the same all-reduce, and its backward keeps
 the gradient replicated. `Partial` over the batch axis is left to DTensor
-and `distributed_gradients`, which reduces parameter gradients in buckets.
-Attribute reads (a parameter's gradient) and in-place ops keep their
-result as is.
+and `distributed_gradients`, which reduces parameter gradients in buckets,
+except in scalars (NOTE [scalar results]). Attribute reads (a parameter's
+gradient) and in-place ops keep their result as is.
+
+NOTE [scalar results]: a scalar that an op computes from a DTensor that is
+not a scalar (a loss, a metric's sum, a mean) is reduced at once, over
+every mesh axis, and goes on as a plain tensor holding the same value on
+every rank (`dtensor_utils.replicated_local`; its gradient reaches the
+DTensor replicated, as DTensor's own does). Keras's bookkeeping on such
+scalars (the end of the loss's reduction, the loss tracker, metric
+results, loss scaling: a dozen small ops a step) then costs what it costs
+in one process instead of DTensor's dispatch for each op; a plain scalar
+that meets a DTensor again is promoted, replicated, which it is. A
+`Partial` scalar is reduced before any use anyway (nothing shards a
+scalar), so this adds no collective, but where two of them would have been
+added up before their reduction (one all-reduce each, about 0.1 ms on 2
+CPU ranks). Ops on scalar DTensors (a trainable scalar variable, its
+`detach`) keep them DTensors. In a DataParallel step of a 512-4096-512
+MLP on 2 CPU ranks, the loss, the loss tracker and their backward took
+3.3-4.4 ms before, 2.6-3.3 ms now.
 
 NOTE [uneven gradients]: DTensor cannot merge a dimension that is sharded
 unevenly with another one (a view of `(7, 6, 8)` split 4/3 as `(42, 8)`).
@@ -171,6 +188,19 @@ def _axes_named(names, name):
 def _batch_axes(mesh):
     """Mesh axes over which the batch is sharded (gradients reduced later)."""
     return _axes_named(mesh.mesh_dim_names, _batch_dim_name())
+
+
+def _is_reduction_to_scalar(result, args, kwargs):
+    """Whether `result` is a scalar DTensor computed from a DTensor that is
+    not a scalar."""
+    return (
+        isinstance(result, DTensor)
+        and result.ndim == 0
+        and any(
+            isinstance(arg, DTensor) and arg.ndim
+            for arg in _arguments(args, kwargs)
+        )
+    )
 
 
 def _settle(result):
@@ -309,6 +339,9 @@ class PromoteToDTensorMode(TorchFunctionMode):
                 # In-place ops, and no-op conversions that return their
                 # input (settled when it was made).
                 return result
+            if _is_reduction_to_scalar(result, args, kwargs):
+                # NOTE [scalar results].
+                return dtensor_utils.replicated_local(result)
             return _settle(result)
         return func(*args, **kwargs)
 

@@ -7,9 +7,21 @@ time without a cycle.
 import torch
 
 try:
+    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import Partial
+    from torch.distributed.tensor import Replicate
     from torch.distributed.tensor._dtensor_spec import DTensorSpec
     from torch.distributed.tensor._dtensor_spec import TensorMeta
+
+    # `Partial` reductions as `torch.distributed` ops ("avg": a sum, then
+    # divided by the number of shards).
+    REDUCE_OPS = {
+        "sum": dist.ReduceOp.SUM,
+        "avg": dist.ReduceOp.SUM,
+        "max": dist.ReduceOp.MAX,
+        "min": dist.ReduceOp.MIN,
+    }
 except ImportError:  # torch built without distributed support.
     DTensor = None
 
@@ -93,3 +105,69 @@ def from_local(local, device_mesh, placements, shape=None):
         tensor_meta=TensorMeta(shape, tuple(stride), local.dtype),
     )
     return DTensor(local, spec, requires_grad=False)
+
+
+def _all_reduce(local, device_mesh, placements):
+    """Reduce `local` in place over the mesh axes where `placements` are
+    `Partial`."""
+    for axis, placement in enumerate(placements):
+        if not placement.is_partial():
+            continue
+        dist.all_reduce(
+            local,
+            op=REDUCE_OPS[placement.reduce_op],
+            group=device_mesh.get_group(axis),
+        )
+        if placement.reduce_op == "avg":
+            local /= device_mesh.size(axis)
+    return local
+
+
+class _AllReduce(torch.autograd.Function):
+    """The all-reduce of a plain tensor, whose gradient passes through as
+    it is: DTensor's own gradient for a `Partial` value made `Replicate`."""
+
+    @staticmethod
+    def forward(ctx, local, device_mesh, placements):
+        return _all_reduce(local.clone(), device_mesh, placements)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+def replicated_local(x):
+    """The global value of a DTensor, on every rank, as a plain tensor.
+
+    Unlike `to_global`, differentiable: the gradient reaches `x` as a
+    replicated DTensor, as through `x.full_tensor()`. Meant for small
+    values (a scalar loss or metric): a `Partial` DTensor is reduced with
+    one `torch.distributed.all_reduce` per axis (115 us for a scalar on 2
+    CPU ranks, where DTensor's redistribution takes 630-700 us); other
+    layouts (shards, `Partial` subclasses such as norms) are gathered by
+    DTensor.
+
+    Args:
+        x: A DTensor.
+
+    Returns:
+        A `torch.Tensor`, the same on every rank.
+    """
+    placements = tuple(x.placements)
+    replicate = (Replicate(),) * len(placements)
+    if not all(
+        p.is_replicate() or (type(p) is Partial and p.reduce_op in REDUCE_OPS)
+        for p in placements
+    ):
+        x = x.redistribute(x.device_mesh, replicate)
+        placements = replicate
+    partial = placements != replicate
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        local = x._local_tensor
+        if partial:
+            local = _all_reduce(local.clone(), x.device_mesh, placements)
+        return local
+    local = x.to_local(grad_placements=replicate)
+    if partial:
+        local = _AllReduce.apply(local, x.device_mesh, placements)
+    return local
