@@ -36,7 +36,8 @@ def to_global(x):
 
     Partial values are reduced and shards gathered, so every rank gets the
     same full tensor. Reading `.item()` or `.numpy()` of a DTensor directly
-    would give the local piece instead. Other values pass through.
+    would give the local piece instead. Other values pass through. Not
+    differentiable; see `replicated_local` for the differentiable form.
 
     Args:
         x: Any value.
@@ -46,7 +47,7 @@ def to_global(x):
     """
     if is_dtensor(x):
         with torch.no_grad():
-            return x.full_tensor()
+            return replicated_local(x)
     return x
 
 
@@ -139,13 +140,11 @@ class _AllReduce(torch.autograd.Function):
 def replicated_local(x):
     """The global value of a DTensor, on every rank, as a plain tensor.
 
-    Unlike `to_global`, differentiable: the gradient reaches `x` as a
-    replicated DTensor, as through `x.full_tensor()`. Meant for small
-    values (a scalar loss or metric): a `Partial` DTensor is reduced with
-    one `torch.distributed.all_reduce` per axis (115 us for a scalar on 2
-    CPU ranks, where DTensor's redistribution takes 630-700 us); other
-    layouts (shards, `Partial` subclasses such as norms) are gathered by
-    DTensor.
+    Differentiable: the gradient reaches `x` as a replicated DTensor, as
+    through `x.full_tensor()`. A `Partial` DTensor is reduced with one
+    `torch.distributed.all_reduce` per axis (115 us for a scalar on 2 CPU
+    ranks, where DTensor's redistribution takes 630-700 us); other layouts
+    (shards, `Partial` subclasses such as norms) are gathered by DTensor.
 
     Args:
         x: A DTensor.
