@@ -8,6 +8,8 @@ from integration_tests.torch_distributed import parity
 SCENARIOS = [
     "arrays",
     "class_weights",
+    "nonlinear_loss",
+    "loss_scale",
     "py_dataset",
     "data_loader",
     "distributed_sampler",

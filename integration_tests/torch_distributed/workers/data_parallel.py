@@ -16,6 +16,7 @@ from torch.utils.data import DistributedSampler
 
 import keras
 from keras import layers
+from keras.src.backend.torch import deferred_sums
 
 SAMPLES, BATCH = 99, 16
 SCENARIOS = {}
@@ -35,7 +36,7 @@ def make_data():
     return {"a": a, "b": b}, y, np.abs(weights) + 0.5
 
 
-def make_model(init):
+def make_model(init, loss="binary_crossentropy", optimizer=None):
     a, b = keras.Input((6,), name="a"), keras.Input((3,), name="b")
     x = layers.Concatenate()([a, b])
     x = layers.Dense(16, activation="relu", name="hidden")(x)
@@ -45,8 +46,8 @@ def make_model(init):
     model = keras.Model({"a": a, "b": b}, outputs)
     common.share_initial_weights(model, init)
     model.compile(
-        keras.optimizers.Adam(0.01),
-        "binary_crossentropy",
+        optimizer or keras.optimizers.Adam(0.01),
+        loss,
         metrics=[
             "accuracy",
             keras.metrics.TruePositives(name="tp"),
@@ -122,6 +123,35 @@ def class_weights(init, x, y, weights):
         verbose=0,
     ).history
     return model, history, model.evaluate(x, y, verbose=0), None
+
+
+def root_sum_squares(y_true, y_pred):
+    # Nonlinear in the sum over the batch: the sum's all-reduce cannot wait
+    # for backward (NOTE [deferred sums] in `deferred_sums`).
+    y_pred = keras.ops.squeeze(y_pred, axis=-1)
+    return keras.ops.sqrt(keras.ops.sum((y_true - y_pred) ** 2) + 1.0)
+
+
+@scenario
+def nonlinear_loss(init, x, y, weights):
+    model = make_model(init, loss=root_sum_squares)
+    history = model.fit(
+        x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0
+    ).history
+    evaluation = model.evaluate(x, y, batch_size=BATCH, verbose=0)
+    return model, history, evaluation, None
+
+
+@scenario
+def loss_scale(init, x, y, weights):
+    # The loss, scaled, reaches backward before its all-reduce.
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.01))
+    model = make_model(init, optimizer=optimizer)
+    history = model.fit(
+        x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0
+    ).history
+    evaluation = model.evaluate(x, y, batch_size=BATCH, verbose=0)
+    return model, history, evaluation, None
 
 
 @scenario
@@ -207,8 +237,16 @@ def custom_loop(init, x, y, weights):
         # A scalar computed from the batch is a plain tensor, the same on
         # every rank (NOTE [scalar results] in `dtensor_promotion`).
         assert not isinstance(loss, DTensor), type(loss)
+        # Its all-reduce waits for backward (NOTE [deferred sums] in
+        # `deferred_sums`), unless the value is read first: through an
+        # alias of its memory, every other batch.
+        early = float(loss.data) if start // BATCH % 2 else None
         model.zero_grad()
         loss.backward()
+        # Reduced by now, beside the gradients.
+        assert not deferred_sums.any_pending()
+        if early is not None:
+            assert early == float(loss), (early, float(loss))
         variables = model.trainable_variables
         grads = [v.value.grad for v in variables]
         # Backward leaves every gradient reduced, as DDP does.

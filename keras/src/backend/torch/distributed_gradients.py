@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate
 
+from keras.src.backend.torch import deferred_sums
 from keras.src.backend.torch import dtensor_utils
 
 # Buckets start their all-reduce once they hold this many megabytes.
@@ -209,12 +210,14 @@ def _finish_backward():
     and hand each parameter its reduced gradient."""
     _finish_queued_for[0] = None
     _start_filling()
+    sums = deferred_sums.start()  # NOTE [deferred sums].
     buckets = list(_in_flight)
     _in_flight.clear()
     for bucket in buckets:
         for parameter, grad, reduced in bucket.finish():
             if parameter is not None and parameter.grad is grad:
                 parameter.grad = reduced
+    sums.finish()
 
 
 def _on_gradient_ready(parameter):

@@ -40,10 +40,12 @@ except in scalars (NOTE [scalar results]). Attribute reads (a parameter's
 gradient) and in-place ops keep their result as is.
 
 NOTE [scalar results]: a scalar that an op computes from a DTensor that is
-not a scalar (a loss, a metric's sum, a mean) is reduced at once, over
-every mesh axis, and goes on as a plain tensor holding the same value on
-every rank (`dtensor_utils.replicated_local`; its gradient reaches the
-DTensor replicated, as DTensor's own does). Keras's bookkeeping on such
+not a scalar (a loss, a metric's sum, a mean) is reduced over every mesh
+axis, and goes on as a plain tensor holding the same value on every rank
+(`dtensor_utils.replicated_local`; its gradient reaches the DTensor
+replicated, as DTensor's own does). A sum over the batch is reduced when
+its value is first needed, at the latest as backward ends (NOTE [deferred
+sums] in `deferred_sums`); others at once. Keras's bookkeeping on such
 scalars (the end of the loss's reduction, the loss tracker, metric
 results, loss scaling: a dozen small ops a step) then costs what it costs
 in one process instead of DTensor's dispatch for each op; a plain scalar
@@ -85,6 +87,7 @@ from torch.distributed.tensor import Replicate
 from torch.overrides import TorchFunctionMode
 
 from keras.src.backend.common.variables import Variable as KerasVariable
+from keras.src.backend.torch import deferred_sums
 from keras.src.backend.torch import dtensor_rules
 from keras.src.backend.torch import dtensor_utils
 
@@ -95,6 +98,22 @@ _enabled_threads = set()
 _BACKWARD = frozenset(
     (torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad)
 )
+
+
+# Calls that use a pending sum without reading its value.
+_KEEPS_PENDING = _BACKWARD | frozenset(
+    (torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel)
+)
+
+
+# Attributes that alias a tensor's value (`.data`): reading one of a
+# pending sum reduces it first.
+_ALIASING_ATTRIBUTES = frozenset(("data", "T", "mT", "H", "mH", "real"))
+
+
+def _aliases_pending(get, args):
+    name = getattr(get.__self__, "__name__", None)
+    return name in _ALIASING_ATTRIBUTES and deferred_sums.is_pending(args[0])
 
 
 def _value(arg):
@@ -119,21 +138,26 @@ def _scan(args, kwargs):
     they skip promotion altogether.
 
     Returns:
-        `(mesh, promote)`: the mesh of the first DTensor (or Keras variable
-        holding one), None if there is none; and whether there is a plain
-        tensor to promote or a Keras variable to replace by its value.
+        `(mesh, promote, pending)`: the mesh of the first DTensor (or Keras
+        variable holding one), None if there is none; whether there is a
+        plain tensor to promote or a Keras variable to replace by its
+        value; and whether a plain tensor is a pending sum (NOTE [deferred
+        sums] in `deferred_sums`).
     """
     mesh = None
-    promote = False
+    promote = pending = False
+    check_pending = deferred_sums.any_pending()
     for arg in _arguments(args, kwargs):
         if isinstance(arg, KerasVariable):
             promote = True
             arg = arg.value
         elif isinstance(arg, torch.Tensor) and not isinstance(arg, DTensor):
             promote = True
+            if check_pending and deferred_sums.is_pending(arg):
+                pending = True
         if mesh is None and isinstance(arg, DTensor):
             mesh = arg.device_mesh
-    return mesh, promote
+    return mesh, promote, pending
 
 
 def _promote(arg, mesh, placements):
@@ -310,8 +334,16 @@ class PromoteToDTensorMode(TorchFunctionMode):
         if getattr(func, "__name__", None) == "__get__":
             # Attribute reads (`.grad`, `.dtype`): nothing to promote or
             # settle, and the most frequent call by far.
+            if deferred_sums.any_pending() and _aliases_pending(func, args):
+                deferred_sums.flush()
             return func(*args, **kwargs)
-        mesh, promote = _scan(args, kwargs)
+        mesh, promote, pending = _scan(args, kwargs)
+        if pending and func not in _KEEPS_PENDING:
+            # NOTE [deferred sums].
+            linear, result = deferred_sums.run_linear(func, args, kwargs)
+            if linear:
+                return result
+            deferred_sums.flush()
         if mesh is not None:
             if promote:
                 placements = [Replicate()] * mesh.ndim
@@ -340,7 +372,10 @@ class PromoteToDTensorMode(TorchFunctionMode):
                 # input (settled when it was made).
                 return result
             if _is_reduction_to_scalar(result, args, kwargs):
-                # NOTE [scalar results].
+                # NOTE [scalar results], NOTE [deferred sums].
+                deferred = deferred_sums.defer(result)
+                if deferred is not None:
+                    return deferred
                 return dtensor_utils.replicated_local(result)
             return _settle(result)
         return func(*args, **kwargs)
