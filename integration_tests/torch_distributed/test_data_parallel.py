@@ -15,6 +15,7 @@ SCENARIOS = [
     "distributed_sampler",
     "generator",
     "custom_loop",
+    "deferred_loop",
     "accumulate",
 ]
 # A bias followed by BatchNormalization has a gradient of exactly zero (the

@@ -6,6 +6,9 @@ does not divide by the number of ranks, and records history, `evaluate`,
 `predict` and the final weights under its own key prefix.
 """
 
+import os
+from contextlib import nullcontext
+
 import common
 import numpy as np
 import torch
@@ -225,22 +228,41 @@ def generator(init, x, y, weights):
 def custom_loop(init, x, y, weights):
     # A loop written with keras.ops and optimizer.apply; the global batch
     # is sharded with the public `distribute_tensor` and the data layout.
+    # Rank 0 alone reads the loss before backward, every other batch: a
+    # custom loop's sums are reduced at once, a collective every rank
+    # joins (only the trainer's wait for backward).
+    return _loop(init, x, y, rank_zero_reads=True)
+
+
+@scenario
+def deferred_loop(init, x, y, weights):
+    # The same loop computing its loss as `fit` does: its all-reduce waits
+    # for backward (NOTE [deferred sums] in `deferred_sums`), unless the
+    # value is read first, here through an alias of its memory on every
+    # rank, every other batch.
+    return _loop(init, x, y, deferred=True)
+
+
+def _loop(init, x, y, rank_zero_reads=False, deferred=False):
     model = make_model(init)
     optimizer = keras.optimizers.SGD(0.05)
     loss_fn = keras.losses.BinaryCrossentropy()
     losses = []
+    rank = int(os.environ.get("RANK", 0))
     for start in range(0, SAMPLES, BATCH):
         rows = slice(start, start + BATCH)
         batch = {k: common.shard_global_batch(v[rows]) for k, v in x.items()}
         target = common.shard_global_batch(y[rows][:, None])
-        loss = loss_fn(target, model(batch, training=True))
+        with deferred_sums.deferring() if deferred else nullcontext():
+            loss = loss_fn(target, model(batch, training=True))
         # A scalar computed from the batch is a plain tensor, the same on
         # every rank (NOTE [scalar results] in `dtensor_promotion`).
         assert not isinstance(loss, DTensor), type(loss)
-        # Its all-reduce waits for backward (NOTE [deferred sums] in
-        # `deferred_sums`), unless the value is read first: through an
-        # alias of its memory, every other batch.
-        early = float(loss.data) if start // BATCH % 2 else None
+        pending = deferred and common.is_distributed()
+        assert deferred_sums.is_pending(loss) == pending
+        early = None
+        if start // BATCH % 2 and (deferred or rank == 0):
+            early = float(loss.data) if deferred else float(loss)
         model.zero_grad()
         loss.backward()
         # Reduced by now, beside the gradients.

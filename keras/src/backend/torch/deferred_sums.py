@@ -24,6 +24,12 @@ When backward ends, `distributed_gradients` reduces them beside the
 gradients' last buckets, where the ranks wait for each other anyway; the
 trainer reads the loss for its tracker after backward.
 
+Only sums made while the trainer computes the loss (`deferring`) wait:
+a reduction is a collective, which every rank must join, and a value
+read on some ranks only (`if rank == 0: print(float(loss))` before
+backward, in a custom loop) would start it on those ranks alone. Keras's
+trainer reads the loss on every rank; elsewhere, sums are reduced at once.
+
 Gradients are the same as with the sums reduced at once: the all-reduce's
 gradient is the identity, and the ops run on pending values are linear, so
 their backward never reads the value. Every rank makes the same pending
@@ -31,6 +37,8 @@ values in the same order (the same program on every rank), so their
 reductions match: pending values are held (strongly) until they are
 reduced, never dropped by one rank's garbage collector and not another's.
 """
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -42,6 +50,19 @@ from keras.src.backend.common.variables import Variable as KerasVariable
 
 # id -> (tensor, (mesh, partial axes)), in the order they were made.
 _pending = {}
+# How many `deferring` blocks are open (only the trainer's thread opens
+# them).
+_deferring = [0]
+
+
+@contextlib.contextmanager
+def deferring():
+    """Defer the sums made within (the trainer's loss computation)."""
+    _deferring[0] += 1
+    try:
+        yield
+    finally:
+        _deferring[0] -= 1
 
 
 def any_pending():
@@ -63,9 +84,12 @@ def defer(x):
 
     Returns:
         A plain tensor, differentiable as `x.to_local()` with replicated
-        gradient placements; None if `x` is not a sum `Partial` over some
-        axes and replicated over the others (then it is reduced at once).
+        gradient placements; None outside `deferring`, or if `x` is not a
+        sum `Partial` over some axes and replicated over the others (then
+        it is reduced at once).
     """
+    if not _deferring[0]:
+        return None
     placements = tuple(x.placements)
     axes = tuple(i for i, p in enumerate(placements) if p.is_partial())
     if not axes or not all(
