@@ -48,6 +48,10 @@ def test_data_parallel_reduces_each_gradient_once(results, scenario):
         elements = result[f"{scenario}/all_reduce_elements"]
         parameters = result[f"{scenario}/parameters"]
         assert elements == parameters + LOSS_SCALARS[scenario], rank
+        # The loss's all-reduce comes last: after backward, not in the
+        # middle of the forward pass.
+        last = result[f"{scenario}/last_all_reduce_elements"]
+        assert last == LOSS_SCALARS[scenario], rank
 
 
 def test_model_parallel_needs_one_all_reduce(results):

@@ -10,6 +10,7 @@ SCENARIOS = [
     "class_weights",
     "nonlinear_loss",
     "loss_scale",
+    "own_compute_loss",
     "py_dataset",
     "data_loader",
     "distributed_sampler",

@@ -14,6 +14,7 @@ ops of `torch.distributed` calls (the gradient buckets). One
 
 Results per scenario: `{scenario}/{kind}` (how many collectives of that
 kind) and `{scenario}/{kind}_elements` (how many elements they took in),
+`{scenario}/last_{kind}_elements` (how many the step's last one took in)
 and `{scenario}/parameters` (how many elements the trainable variables
 hold).
 """
@@ -46,6 +47,7 @@ class CollectiveCounter(TorchDispatchMode):
         super().__init__()
         self.counts = collections.Counter()
         self.elements = collections.Counter()
+        self.last_elements = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -55,8 +57,7 @@ class CollectiveCounter(TorchDispatchMode):
             name = func._overloadpacket.__name__
             for kind, stems in _KINDS.items():
                 if any(stem in name for stem in stems):
-                    self.counts[kind] += 1
-                    self.elements[kind] += sum(
+                    elements = sum(
                         item.numel()
                         for arg in args
                         for item in (
@@ -64,6 +65,9 @@ class CollectiveCounter(TorchDispatchMode):
                         )
                         if isinstance(item, torch.Tensor)
                     )
+                    self.counts[kind] += 1
+                    self.elements[kind] += elements
+                    self.last_elements[kind] = elements
         return func(*args, **kwargs)
 
 
@@ -105,6 +109,9 @@ def count_step(scenario):
     for kind in _KINDS:
         results[f"{scenario}/{kind}"] = counter.counts[kind]
         results[f"{scenario}/{kind}_elements"] = counter.elements[kind]
+        results[f"{scenario}/last_{kind}_elements"] = counter.last_elements[
+            kind
+        ]
     return results
 
 

@@ -213,11 +213,14 @@ def _finish_backward():
     sums = deferred_sums.start()  # NOTE [deferred sums].
     buckets = list(_in_flight)
     _in_flight.clear()
-    for bucket in buckets:
-        for parameter, grad, reduced in bucket.finish():
-            if parameter is not None and parameter.grad is grad:
-                parameter.grad = reduced
-    sums.finish()
+    try:
+        for bucket in buckets:
+            for parameter, grad, reduced in bucket.finish():
+                if parameter is not None and parameter.grad is grad:
+                    parameter.grad = reduced
+    finally:
+        # No longer pending: they must hold their global values.
+        sums.finish()
 
 
 def _on_gradient_ready(parameter):

@@ -43,17 +43,17 @@ NOTE [scalar results]: a scalar that an op computes from a DTensor that is
 not a scalar (a loss, a metric's sum, a mean) is reduced over every mesh
 axis, and goes on as a plain tensor holding the same value on every rank
 (`dtensor_utils.replicated_local`; its gradient reaches the DTensor
-replicated, as DTensor's own does). A sum over the batch is reduced when
-its value is first needed, at the latest as backward ends (NOTE [deferred
-sums] in `deferred_sums`); others at once. Keras's bookkeeping on such
-scalars (the end of the loss's reduction, the loss tracker, metric
-results, loss scaling: a dozen small ops a step) then costs what it costs
-in one process instead of DTensor's dispatch for each op; a plain scalar
-that meets a DTensor again is promoted, replicated, which it is. A
-`Partial` scalar is reduced before any use anyway (nothing shards a
-scalar), so this adds no collective, but where two of them would have been
-added up before their reduction (one all-reduce each, about 0.1 ms on 2
-CPU ranks). Ops on scalar DTensors (a trainable scalar variable, its
+replicated, as DTensor's own does): at once, except a sum made while the
+trainer computes the loss, reduced when its value is first needed or when
+backward ends (NOTE [deferred sums] in `deferred_sums`). Keras's
+bookkeeping on such scalars (the end of the loss's reduction, the loss
+tracker, metric results, loss scaling: a dozen small ops a step) then
+costs what it costs in one process instead of DTensor's dispatch for each
+op; a plain scalar that meets a DTensor again is promoted, replicated,
+which it is. A `Partial` scalar is reduced before any use anyway (nothing
+shards a scalar), so this adds no collective, but where two of them would
+have been added up before their reduction (one all-reduce each, about
+0.1 ms on 2 CPU ranks). Ops on scalar DTensors (a trainable scalar variable, its
 `detach`) keep them DTensors. In a DataParallel step of a 512-4096-512
 MLP on 2 CPU ranks, the loss, the loss tracker and their backward took
 3.3-4.4 ms before, 2.6-3.3 ms now.
@@ -106,29 +106,46 @@ _KEEPS_PENDING = _BACKWARD | frozenset(
 )
 
 
-# Attributes that alias a tensor's value (`.data`): reading one of a
-# pending sum reduces it first.
-_ALIASING_ATTRIBUTES = frozenset(("data", "T", "mT", "H", "mH", "real"))
+# Attributes that describe a tensor without its value: reading any other
+# (`.data`, `.T`, `__cuda_array_interface__`) of a pending sum reduces it
+# first.
+_METADATA_ATTRIBUTES = frozenset(
+    (
+        "shape",
+        "dtype",
+        "device",
+        "layout",
+        "ndim",
+        "requires_grad",
+        "grad_fn",
+        "grad",
+        "is_leaf",
+        "_version",
+        "_base",
+        "output_nr",
+        "names",
+        "itemsize",
+        "nbytes",
+        "is_cpu",
+        "is_cuda",
+        "is_meta",
+        "is_sparse",
+        "is_quantized",
+        "is_nested",
+    )
+)
 
 
-def _aliases_pending(get, args):
+def _reads_pending(get, args):
+    """Whether an attribute read may expose a pending sum's value."""
     name = getattr(get.__self__, "__name__", None)
-    return name in _ALIASING_ATTRIBUTES and deferred_sums.is_pending(args[0])
+    return name not in _METADATA_ATTRIBUTES and deferred_sums.is_pending(
+        args[0]
+    )
 
 
 def _value(arg):
     return arg.value if isinstance(arg, KerasVariable) else arg
-
-
-def _arguments(args, kwargs):
-    """Every argument, and the items of list and tuple arguments
-    (`torch.cat`, `torch._foreach_*`)."""
-    for group in (args, kwargs.values()):
-        for arg in group:
-            if isinstance(arg, (list, tuple)):
-                yield from arg
-            else:
-                yield arg
 
 
 def _scan(args, kwargs):
@@ -147,7 +164,7 @@ def _scan(args, kwargs):
     mesh = None
     promote = pending = False
     check_pending = deferred_sums.any_pending()
-    for arg in _arguments(args, kwargs):
+    for arg in dtensor_utils.arguments(args, kwargs):
         if isinstance(arg, KerasVariable):
             promote = True
             arg = arg.value
@@ -222,7 +239,7 @@ def _is_reduction_to_scalar(result, args, kwargs):
         and result.ndim == 0
         and any(
             isinstance(arg, DTensor) and arg.ndim
-            for arg in _arguments(args, kwargs)
+            for arg in dtensor_utils.arguments(args, kwargs)
         )
     )
 
@@ -334,11 +351,14 @@ class PromoteToDTensorMode(TorchFunctionMode):
         if getattr(func, "__name__", None) == "__get__":
             # Attribute reads (`.grad`, `.dtype`): nothing to promote or
             # settle, and the most frequent call by far.
-            if deferred_sums.any_pending() and _aliases_pending(func, args):
+            if deferred_sums.any_pending() and _reads_pending(func, args):
                 deferred_sums.flush()
             return func(*args, **kwargs)
         mesh, promote, pending = _scan(args, kwargs)
-        if pending and func not in _KEEPS_PENDING:
+        if pending and not (
+            func in _KEEPS_PENDING
+            and deferred_sums.pending_only_first(args, kwargs)
+        ):
             # NOTE [deferred sums].
             linear, result = deferred_sums.run_linear(func, args, kwargs)
             if linear:

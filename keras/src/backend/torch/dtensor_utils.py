@@ -26,6 +26,17 @@ except ImportError:  # torch built without distributed support.
     DTensor = None
 
 
+def arguments(args, kwargs):
+    """Every argument of a call, and the items of list and tuple arguments
+    (`torch.cat`, `torch._foreach_*`)."""
+    for group in (args, kwargs.values()):
+        for arg in group:
+            if isinstance(arg, (list, tuple)):
+                yield from arg
+            else:
+                yield arg
+
+
 def is_dtensor(x):
     """Return True if `x` is a DTensor."""
     return DTensor is not None and isinstance(x, DTensor)
