@@ -128,6 +128,15 @@ def class_weights(init, x, y, weights):
     return model, history, model.evaluate(x, y, verbose=0), None
 
 
+def _fit_arrays(model, x, y):
+    """`fit` and `evaluate` on the arrays, in order; a scenario's result."""
+    history = model.fit(
+        x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0
+    ).history
+    evaluation = model.evaluate(x, y, batch_size=BATCH, verbose=0)
+    return model, history, evaluation, None
+
+
 def root_sum_squares(y_true, y_pred):
     # Nonlinear in the sum over the batch: the sum's all-reduce cannot wait
     # for backward (NOTE [deferred sums] in `deferred_sums`).
@@ -138,11 +147,7 @@ def root_sum_squares(y_true, y_pred):
 @scenario
 def nonlinear_loss(init, x, y, weights):
     model = make_model(init, loss=root_sum_squares)
-    history = model.fit(
-        x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0
-    ).history
-    evaluation = model.evaluate(x, y, batch_size=BATCH, verbose=0)
-    return model, history, evaluation, None
+    return _fit_arrays(model, x, y)
 
 
 @scenario
@@ -150,11 +155,7 @@ def loss_scale(init, x, y, weights):
     # The loss, scaled, reaches backward before its all-reduce.
     optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.01))
     model = make_model(init, optimizer=optimizer)
-    history = model.fit(
-        x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0
-    ).history
-    evaluation = model.evaluate(x, y, batch_size=BATCH, verbose=0)
-    return model, history, evaluation, None
+    return _fit_arrays(model, x, y)
 
 
 class ReadsLossOnRankZero(keras.Model):
@@ -175,11 +176,7 @@ def own_compute_loss(init, x, y, weights):
     functional = make_model(init)
     model = ReadsLossOnRankZero(functional.inputs, functional.outputs)
     model.compile(keras.optimizers.Adam(0.01), "binary_crossentropy")
-    history = model.fit(
-        x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0
-    ).history
-    evaluation = model.evaluate(x, y, batch_size=BATCH, verbose=0)
-    return model, history, evaluation, None
+    return _fit_arrays(model, x, y)
 
 
 @scenario

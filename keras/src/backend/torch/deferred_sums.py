@@ -53,7 +53,6 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Partial
 from torch.distributed.tensor import Replicate
 
-from keras.src.backend.common.variables import Variable as KerasVariable
 from keras.src.backend.torch import dtensor_utils
 
 # id -> (tensor, (mesh, partial axes)), in the order they were made.
@@ -216,10 +215,6 @@ _UNARY = frozenset(
 )
 
 
-def _value(arg):
-    return arg.value if isinstance(arg, KerasVariable) else arg
-
-
 def _constant(arg):
     """Whether `arg` holds the same value on every rank and needs no
     gradient: a finite Python number, or a plain tensor that is not
@@ -287,15 +282,14 @@ def run_linear(func, args, kwargs):
     Args:
         func: The torch function called (as a torch function mode sees
             it).
-        args: Its positional arguments, some of them pending.
+        args: Its positional arguments, some of them pending (Keras
+            variables replaced by their values).
         kwargs: Its keyword arguments.
 
     Returns:
         `(True, result)`, the result pending, or `(False, None)`: then the
         caller must `flush` before running `func`.
     """
-    args = tuple(_value(a) for a in args)
-    kwargs = {k: _value(v) for k, v in kwargs.items()}
     key, device = _linear_key(func, args, kwargs)
     if key is None:
         return False, None

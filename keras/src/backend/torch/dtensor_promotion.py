@@ -360,7 +360,11 @@ class PromoteToDTensorMode(TorchFunctionMode):
             and deferred_sums.pending_only_first(args, kwargs)
         ):
             # NOTE [deferred sums].
-            linear, result = deferred_sums.run_linear(func, args, kwargs)
+            linear, result = deferred_sums.run_linear(
+                func,
+                tuple(_value(a) for a in args),
+                {k: _value(v) for k, v in kwargs.items()},
+            )
             if linear:
                 return result
             deferred_sums.flush()
