@@ -24,17 +24,23 @@ import keras
 
 @contextlib.contextmanager
 def without_function_modes():
-    """Set aside this thread's torch function modes for a while.
+    """Run native PyTorch code as if Keras were not in the process.
 
-    Under a distribution, Keras pushes a `TorchFunctionMode` that sees
-    every torch call (it promotes plain tensors that meet DTensors). A
-    native PyTorch step run between Keras steps must not pay for it.
+    Under a distribution, Keras installs promotion on
+    `DTensor.__torch_function__` (plain tensors that meet DTensors are
+    promoted; NOTE [promotion] in `dtensor_promotion`), and the trainer
+    pushes a `TorchFunctionMode` while a loss is computed. A native
+    PyTorch step run between Keras steps must pay for neither: DTensor's
+    own behaviour is restored and this thread's modes are set aside.
     """
+    from keras.src.backend.torch import dtensor_promotion
+
     modes = []
     while torch._C._len_torch_function_stack():
         modes.append(torch._C._pop_torch_function_stack())
     try:
-        yield
+        with dtensor_promotion.suspended():
+            yield
     finally:
         for mode in reversed(modes):
             torch._C._push_on_torch_function_stack(mode)

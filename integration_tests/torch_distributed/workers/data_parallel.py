@@ -7,7 +7,6 @@ does not divide by the number of ranks, and records history, `evaluate`,
 """
 
 import os
-from contextlib import nullcontext
 
 import common
 import numpy as np
@@ -20,6 +19,7 @@ from torch.utils.data import DistributedSampler
 import keras
 from keras import layers
 from keras.src.backend.torch import deferred_sums
+from keras.src.backend.torch import dtensor_promotion
 
 SAMPLES, BATCH = 99, 16
 SCENARIOS = {}
@@ -275,20 +275,20 @@ def _loop(init, x, y, rank_zero_reads=False, deferred=False):
         rows = slice(start, start + BATCH)
         batch = {k: common.shard_global_batch(v[rows]) for k, v in x.items()}
         target = common.shard_global_batch(y[rows][:, None])
-        with deferred_sums.deferring() if deferred else nullcontext():
+        with dtensor_promotion.deferring_sums(deferred):
             loss = loss_fn(target, model(batch, training=True))
-        # A scalar computed from the batch is a plain tensor, the same on
-        # every rank (NOTE [scalar results] in `dtensor_promotion`).
-        assert not isinstance(loss, DTensor), type(loss)
-        pending = deferred and common.is_distributed()
-        assert deferred_sums.is_pending(loss) == pending
-        early = None
-        if start // BATCH % 2 and (deferred or rank == 0):
-            early = float(loss.data) if deferred else float(loss)
-        model.zero_grad()
-        loss.backward()
-        # Reduced by now, beside the gradients.
-        assert not deferred_sums.any_pending()
+            # A scalar computed from the batch is a plain tensor, the same
+            # on every rank (NOTE [scalar results] in `dtensor_promotion`).
+            assert not isinstance(loss, DTensor), type(loss)
+            pending = deferred and common.is_distributed()
+            assert deferred_sums.is_pending(loss) == pending
+            early = None
+            if start // BATCH % 2 and (deferred or rank == 0):
+                early = float(loss.data) if deferred else float(loss)
+            model.zero_grad()
+            loss.backward()
+            # Reduced by now, beside the gradients.
+            assert not deferred_sums.any_pending()
         if early is not None:
             assert early == float(loss), (early, float(loss))
         variables = model.trainable_variables

@@ -12,7 +12,10 @@ by the batch size, `divide_no_nan`, casts, loss scaling, the losses of
 several outputs added up) those do not depend on the value.
 
 So a scalar `Partial` sum made while the trainer computes the loss
-(`deferring`) is not reduced at once: it goes on as a plain tensor holding
+(`deferring`; the trainer's block is `dtensor_promotion.deferring_sums`,
+which also covers loss scaling and backward, pushes the torch function
+mode that sees every use of a pending value, and reduces what is still
+pending at its end) is not reduced at once: it goes on as a plain tensor holding
 this rank's part (`defer`), pending. An op that is linear in its pending
 arguments, whose derivative does not depend on them (`run_linear`: a
 pending value scaled by a finite value every rank holds that needs no

@@ -13,12 +13,12 @@ NOTE [plain scalars]: a scalar variable that needs no gradient (a metric's
 `total` and `count`, the optimizer's `iterations` and learning rate, a loss
 scale) keeps rank 0's initial value as a plain tensor instead. A scalar
 cannot be sharded, and every value assigned to it is global: a DTensor is
-reduced or gathered first (`value_to_assign`), and the promotion mode
+reduced or gathered first (`value_to_assign`), and the promotion handler
 makes a DTensor of the plain value wherever it meets one. As a DTensor,
 each of Keras's bookkeeping calls on it (`assign_add`, `divide_no_nan`)
 cost 5-10 times as much, through DTensor's dispatch; a training step makes
 dozens. A plain value assigned to such a scalar is taken as it is on each
-rank, as the promotion mode takes plain values that meet DTensors (values
+rank, as promotion takes plain values that meet DTensors (values
 computed from replicated state); a replicated DTensor variable instead
 takes rank 0's, at the cost of a broadcast (a metric reset was two per
 `train_on_batch`).

@@ -5,26 +5,44 @@ and DTensor"). Under a distribution, Keras code mixes them all the time:
 constants made by ops (`ones`, `arange`, masks, epsilons), random draws,
 tensors made by layers, variables created before the distribution.
 
-NOTE [promotion]: once the first DTensor exists, a `TorchFunctionMode` is
-pushed for the rest of the process. For every torch call whose arguments
-include a DTensor, each plain tensor argument is promoted to a DTensor
-replicated on the same mesh (`dtensor_utils.from_local`, no communication). That
-covers every backend op (numpy, nn, math, linalg, layer code) in one place.
-The promotion is differentiable, so backward sees only DTensors and needs
-nothing more: a gradient flowing back to a promoted plain tensor arrives as
-its full value.
+NOTE [promotion]: once the first DTensor exists, `enable` installs a
+handler as `DTensor.__torch_function__` (DTensor's own is disabled: its
+calls go straight to dispatch). Torch calls that handler for every call
+whose arguments include a DTensor, and never for one that has none, so
+code that never meets a DTensor pays nothing for it, and no torch
+function mode a user enters or leaves (`with torch.device(...)`, their
+own `TorchFunctionMode`) can take it away, as it could a mode pushed on
+the stack once. The handler promotes each plain tensor argument to a
+DTensor replicated on the same mesh (`dtensor_utils.from_local`, no
+communication). That covers every backend op (numpy, nn, math, linalg,
+layer code) in one place. The promotion is differentiable, so backward
+sees only DTensors and needs nothing more: a gradient flowing back to a
+promoted plain tensor arrives as its full value.
 
 A promoted tensor is taken to hold the same value on every rank, which is
 true of constants and of values computed from replicated state. Per-rank
 data never takes this path: input batches are sharded explicitly by
 `distributed_data`.
 
-The same mode sends the few ops that DTensor cannot shard the way Keras
-needs (convolutions over a batch-sharded input, CPU fused attention) to the
-rules in `dtensor_rules`, and catches the ops DTensor has no sharding rule
-for at all (e.g. `repeat_interleave` with tensor repeats, which metrics
-use): their DTensor arguments are made replicated and the op runs on the
-local values, giving a replicated result (`dtensor_rules.run_replicated`).
+What the handler cannot see is a tensor that torch makes in C++, inside an
+op's decomposition below `__torch_function__` (the causal mask of the math
+attention kernel): DTensor then refuses the mixed op. Such ops need a rule
+that runs them on local tensors (NOTE [attention] in `dtensor_rules`).
+
+The same handler sends the few ops that DTensor cannot shard the way Keras
+needs (convolutions over a batch-sharded input, attention, embedding
+lookups) to the rules in `dtensor_rules`.
+
+NOTE [fallback]: an op runs replicated (its DTensor arguments gathered,
+the op run on the local values, a replicated result;
+`dtensor_rules.run_replicated`) under explicit conditions only: the op is
+listed in `dtensor_rules.RUN_REPLICATED`; or DTensor's sharding
+propagation raised its "no sharding strategy" `NotImplementedError` (e.g.
+`repeat_interleave` with tensor repeats, which metrics use); or an
+argument is sharded unevenly (NOTE [uneven gradients]) and the op failed
+before running. If the replicated run fails too, the op's own error is
+raised. Every other error is raised as it is, never retried: a shape
+error reads as it would in one process, and nothing runs twice.
 
 NOTE [partial results]: an op whose result is `Partial` over a model axis
 (a matmul over a sharded contraction dimension) has it reduced right away,
@@ -73,11 +91,12 @@ gradients are kept as they are: DTensor handles them.
 `Tensor.backward` itself never falls back to `run_replicated`: an error in
 backward is raised as it is, not by a second backward pass.
 
-The mode is thread-local, like every torch function mode: DTensor
-computation must run on the thread that created the first DTensor (Keras's
-training loops do).
+The handler is process-wide; the mode that watches deferred sums
+(`deferring_sums`) is pushed on the trainer's thread for the block that
+computes a loss and its gradients, and taken off at its end.
 """
 
+import contextlib
 import functools
 import threading
 
@@ -92,7 +111,6 @@ from keras.src.backend.torch import dtensor_rules
 from keras.src.backend.torch import dtensor_utils
 
 _lock = threading.Lock()
-_enabled_threads = set()
 # Calls that run backward: never retried replicated (NOTE [uneven
 # gradients]).
 _BACKWARD = frozenset(
@@ -343,23 +361,125 @@ def _gradient_hook(result, batch_axes):
     return hook
 
 
-class PromoteToDTensorMode(TorchFunctionMode):
-    """Promotes plain tensors to replicated DTensors where DTensors are."""
+def _dispatch(func, args, kwargs):
+    """Run a torch call that has a DTensor among its arguments.
+
+    Plain tensors are promoted (NOTE [promotion]), the call goes to its rule
+    in `dtensor_rules` if it has one, and its result is settled (NOTE
+    [partial results], NOTE [scalar results]).
+    """
+    if getattr(func, "__name__", None) == "__get__":
+        # Attribute reads (`.grad`, `.dtype`): nothing to promote or
+        # settle, and the most frequent call by far.
+        return func(*args, **kwargs)
+    mesh, promote, _ = _scan(args, kwargs)
+    if mesh is None:
+        # A DTensor's own type asked, with no DTensor among the values
+        # (a Keras variable holding a plain tensor beside a DTensor type).
+        return func(*args, **kwargs)
+    if promote:
+        placements = [Replicate()] * mesh.ndim
+        args = tuple(_promote(a, mesh, placements) for a in args)
+        kwargs = {k: _promote(v, mesh, placements) for k, v in kwargs.items()}
+    rule = dtensor_rules.RULES.get(func)
+    if rule is not None:
+        result = rule(func, *args, **kwargs)
+    else:
+        result = _run_or_fall_back(func, mesh, args, kwargs)
+    if (args and result is args[0]) or dtensor_rules.is_in_place(func):
+        # In-place ops, and no-op conversions that return their input
+        # (settled when it was made).
+        return result
+    if _is_reduction_to_scalar(result, args, kwargs):
+        # NOTE [scalar results], NOTE [deferred sums].
+        deferred = deferred_sums.defer(result)
+        if deferred is not None:
+            return deferred
+        return dtensor_utils.replicated_local(result)
+    return _settle(result)
+
+
+def _run_or_fall_back(func, mesh, args, kwargs):
+    """Run `func`; run it replicated if DTensor cannot (NOTE [fallback])."""
+    if func in dtensor_rules.RUN_REPLICATED:
+        return dtensor_rules.run_replicated(func, mesh, args, kwargs)
+    try:
+        return func(*args, **kwargs)
+    except (RuntimeError, NotImplementedError) as error:
+        if func in _BACKWARD or not (
+            dtensor_rules.is_missing_rule(error)
+            or dtensor_rules.has_uneven_shards(args, kwargs)
+        ):
+            raise
+        try:
+            return dtensor_rules.run_replicated(func, mesh, args, kwargs)
+        except Exception:
+            # Not a sharding problem after all: the error the call gave.
+            raise error from None
+
+
+def _dtensor_torch_function(cls, func, types, args=(), kwargs=None):
+    """`DTensor.__torch_function__` while promotion is installed.
+
+    Runs with subclass torch functions disabled, as DTensor's own calls
+    do: the calls it makes (promotion, rules, the op itself) do not come
+    back here.
+    """
+    with torch._C.DisableTorchFunctionSubclass():
+        return _dispatch(func, args, kwargs or {})
+
+
+# DTensor's own `__torch_function__`: disabled, straight to dispatch.
+_DTENSOR_DEFAULT = DTensor.__dict__["__torch_function__"]
+_PROMOTING = classmethod(_dtensor_torch_function)
+
+
+def enable():
+    """Install promotion on `DTensor.__torch_function__` (NOTE [promotion]).
+
+    Process-wide and idempotent: every thread, every DTensor from then on.
+    """
+    if DTensor.__dict__["__torch_function__"] is not _PROMOTING:
+        with _lock:
+            DTensor.__torch_function__ = _PROMOTING
+
+
+def is_enabled():
+    """Whether plain tensors meeting DTensors are promoted."""
+    return DTensor.__dict__["__torch_function__"] is _PROMOTING
+
+
+@contextlib.contextmanager
+def suspended():
+    """Run the block with DTensor's own behaviour (no promotion): for
+    native DTensor code measured beside Keras in one process."""
+    was_enabled = is_enabled()
+    DTensor.__torch_function__ = _DTENSOR_DEFAULT
+    try:
+        yield
+    finally:
+        if was_enabled:
+            DTensor.__torch_function__ = _PROMOTING
+
+
+class _PendingSumsMode(TorchFunctionMode):
+    """Sees every torch call while sums may be pending (NOTE [deferred
+    sums]): ops linear in pending values run locally and stay pending;
+    any other use of one reduces them all first."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not deferred_sums.any_pending():
+            return func(*args, **kwargs)
         if getattr(func, "__name__", None) == "__get__":
-            # Attribute reads (`.grad`, `.dtype`): nothing to promote or
-            # settle, and the most frequent call by far.
-            if deferred_sums.any_pending() and _reads_pending(func, args):
+            if _reads_pending(func, args):
                 deferred_sums.flush()
             return func(*args, **kwargs)
-        mesh, promote, pending = _scan(args, kwargs)
+        _, _, pending = _scan(args, kwargs)
         if pending and not (
             func in _KEEPS_PENDING
             and deferred_sums.pending_only_first(args, kwargs)
         ):
-            # NOTE [deferred sums].
             linear, result = deferred_sums.run_linear(
                 func,
                 tuple(_value(a) for a in args),
@@ -368,50 +488,41 @@ class PromoteToDTensorMode(TorchFunctionMode):
             if linear:
                 return result
             deferred_sums.flush()
-        if mesh is not None:
-            if promote:
-                placements = [Replicate()] * mesh.ndim
-                args = tuple(_promote(a, mesh, placements) for a in args)
-                kwargs = {
-                    k: _promote(v, mesh, placements) for k, v in kwargs.items()
-                }
-            rule = dtensor_rules.RULES.get(func)
-            if rule is not None:
-                result = rule(func, *args, **kwargs)
-            else:
-                try:
-                    result = func(*args, **kwargs)
-                except (RuntimeError, NotImplementedError) as error:
-                    # Raised while choosing a sharding, before anything ran;
-                    # except in backward, which has run in part by then.
-                    if func in _BACKWARD or not (
-                        dtensor_rules.is_missing_sharding_rule(error)
-                    ):
-                        raise
-                    result = dtensor_rules.run_replicated(
-                        func, mesh, args, kwargs
-                    )
-            if (args and result is args[0]) or dtensor_rules.is_in_place(func):
-                # In-place ops, and no-op conversions that return their
-                # input (settled when it was made).
-                return result
-            if _is_reduction_to_scalar(result, args, kwargs):
-                # NOTE [scalar results], NOTE [deferred sums].
-                deferred = deferred_sums.defer(result)
-                if deferred is not None:
-                    return deferred
-                return dtensor_utils.replicated_local(result)
-            return _settle(result)
         return func(*args, **kwargs)
 
 
-def enable():
-    """Push the promotion mode on this thread, once."""
-    thread = threading.get_ident()
-    if thread in _enabled_threads:
+def _remove_mode(mode):
+    """Take `mode` off this thread's torch function mode stack, wherever
+    it is: a mode entered in the block and left open stays."""
+    above = []
+    while torch._C._len_torch_function_stack():
+        top = torch._C._pop_torch_function_stack()
+        if top is mode:
+            break
+        above.append(top)
+    for top in reversed(above):
+        torch._C._push_on_torch_function_stack(top)
+
+
+@contextlib.contextmanager
+def deferring_sums(enabled=True):
+    """Defer the sums the block makes (NOTE [deferred sums]).
+
+    The trainer's loss computation, its scaling and its backward pass run
+    in this block; the sums still pending at its end are reduced there, so
+    no pending value outlives the mode that watches its uses.
+
+    Args:
+        enabled: Whether to defer; False runs the block as it is.
+    """
+    if not enabled:
+        yield
         return
-    with _lock:
-        if thread in _enabled_threads:
-            return
-        PromoteToDTensorMode().__enter__()
-        _enabled_threads.add(thread)
+    mode = _PendingSumsMode()
+    with deferred_sums.deferring():
+        torch._C._push_on_torch_function_stack(mode)
+        try:
+            yield
+            deferred_sums.flush()
+        finally:
+            _remove_mode(mode)

@@ -16,8 +16,10 @@ and a DTensor is among its arguments (after plain tensors were promoted).
   local indices before gathering them (a mask of the wrong shape; torch
   2.13). The rule gathers the table over the axes that shard the indices,
   as data parallelism needs, so the indices are never redistributed.
-- `scaled_dot_product_attention` on CPU: its fused kernel's backward has no
-  DTensor rule, so the math kernel (plain matmuls and softmax) is used.
+- `scaled_dot_product_attention`: attention is independent for each
+  sequence and each head, so the rule runs the op on each rank's local
+  rows and heads, with the kernel one process would choose (NOTE
+  [attention]).
 - Any other op DTensor has no sharding rule for: `run_replicated` makes its
   DTensor arguments replicated (a no-op for replicated ones, a gather for
   sharded ones), runs it on the local values and returns replicated
@@ -35,17 +37,12 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Partial
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor import Shard
-from torch.nn.attention import SDPBackend
-from torch.nn.attention import sdpa_kernel
+from torch.distributed.tensor import _sharding_prop
 
 from keras.src.backend.torch import dtensor_utils
 
 _logger = logging.getLogger(__name__)
 _gathered_ops = set()
-_MISSING_RULE_MESSAGES = (
-    "Sharding propagation failed",
-    "does not have a sharding strategy registered",
-)
 
 _CONVOLUTIONS = {
     torch.conv1d: False,
@@ -124,17 +121,113 @@ def _embedding(func, input, weight, *args, **kwargs):
     return func(input, weight, *args, **kwargs)
 
 
-def _attention(func, *args, **kwargs):
-    mesh = next(a for a in args if isinstance(a, DTensor)).device_mesh
-    if mesh.device_type != "cpu":
-        return func(*args, **kwargs)
-    with sdpa_kernel([SDPBackend.MATH]):
-        return func(*args, **kwargs)
+# NOTE [attention]: DTensor runs `scaled_dot_product_attention` on CPU
+# through its math kernel, a composite of matmuls and softmax that torch
+# decomposes in C++. The causal mask that kernel builds (`is_causal=True`)
+# is a plain tensor made below `__torch_function__`, so no promotion sees
+# it and DTensor refuses the mixed add. And the math kernel is not the
+# kernel one process runs: on CPU that is the fused flash kernel, whose
+# gradients differ from the math kernel's where a query row has every key
+# masked by a finite large negative (Keras's padding masks do this for
+# padded queries): the two kernels agree on outputs and disagree on the
+# gradients of queries, keys and values by the size of the gradients
+# themselves. So the rule runs the op itself, on local tensors: queries,
+# keys, values and the mask are laid out alike, each mesh axis sharding
+# the batch or the heads (dims 0 and 1) or nothing, and every rank runs
+# the kernel one process would choose on its own sequences and heads. A
+# mesh axis that shards anything else (the sequence) is gathered first.
+# Uneven batches need nothing special: each rank's rows are a whole
+# attention problem.
 
 
-def is_missing_sharding_rule(error):
-    """Whether `error` says DTensor has no sharding rule for an op."""
-    return any(message in str(error) for message in _MISSING_RULE_MESSAGES)
+def _attention_placement(tensors, axis):
+    """The placement on mesh `axis` that queries, keys and values share:
+    their first `Shard` of the batch or head dim, else `Replicate`."""
+    query = tensors[0]
+    for x in tensors:
+        p = x.placements[axis]
+        if (
+            p.is_shard()
+            and p.dim in (0, 1)
+            and all(t.shape[p.dim] == query.shape[p.dim] for t in tensors)
+        ):
+            return Shard(p.dim)
+    return Replicate()
+
+
+def _attention_mask_placements(mask, placements, ndim):
+    """Placements of a mask broadcast against `ndim`-D queries, and of its
+    gradient: a mask dim of size 1 broadcast over sharded queries stays
+    replicated, its gradient `Partial` there."""
+    offset = ndim - mask.ndim
+    layout, grad = [], []
+    for p in placements:
+        dim = p.dim - offset if p.is_shard() else -1
+        if p.is_shard() and dim >= 0 and mask.shape[dim] != 1:
+            layout.append(Shard(dim))
+            grad.append(Shard(dim))
+        else:
+            layout.append(Replicate())
+            grad.append(Partial() if p.is_shard() else Replicate())
+    return layout, grad
+
+
+def _attention(func, query, key, value, attn_mask=None, *args, **kwargs):
+    tensors = [x for x in (query, key, value) if isinstance(x, DTensor)]
+    if len(tensors) != 3:
+        return func(query, key, value, attn_mask, *args, **kwargs)
+    mesh = query.device_mesh
+    placements = [
+        _attention_placement(tensors, axis) for axis in range(mesh.ndim)
+    ]
+    local = [
+        x.redistribute(mesh, placements).to_local(grad_placements=placements)
+        for x in tensors
+    ]
+    if isinstance(attn_mask, DTensor):
+        layout, grad = _attention_mask_placements(
+            attn_mask, placements, query.ndim
+        )
+        attn_mask = attn_mask.redistribute(mesh, layout).to_local(
+            grad_placements=grad
+        )
+    output = func(*local, attn_mask, *args, **kwargs)
+    shape = (*query.shape[:-1], value.shape[-1])
+    return dtensor_utils.from_local(output, mesh, placements, shape)
+
+
+def is_missing_rule(error):
+    """Whether `error` is DTensor's sharding propagation finding no
+    strategy for an op: a `NotImplementedError` raised in
+    `torch.distributed.tensor._sharding_prop`, alone or as the cause of
+    the error DTensor wraps it in."""
+    while error is not None:
+        if isinstance(error, NotImplementedError):
+            tb = error.__traceback__
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            if tb is not None and tb.tb_frame.f_code.co_filename == (
+                _sharding_prop.__file__
+            ):
+                return True
+        error = error.__cause__
+    return False
+
+
+def has_uneven_shards(args, kwargs):
+    """Whether a DTensor argument has a dimension split unevenly (a last
+    batch of 7 rows on 2 ranks), which some DTensor ops cannot handle
+    (merging that dimension with another in a view)."""
+    for arg in dtensor_utils.arguments(args, kwargs):
+        if not isinstance(arg, DTensor):
+            continue
+        parts = {}
+        for axis, p in enumerate(arg.placements):
+            if p.is_shard():
+                parts[p.dim] = parts.get(p.dim, 1) * arg.device_mesh.size(axis)
+        if any(arg.shape[dim] % n for dim, n in parts.items()):
+            return True
+    return False
 
 
 _IN_PLACE_OPERATORS = frozenset(
@@ -199,6 +292,11 @@ def run_replicated(func, mesh, args, kwargs):
         return target if output is local_args[0] else to_dtensor(output)
     return to_dtensor(output)
 
+
+# Calls that DTensor cannot run sharded, for which it raises some other
+# error than a missing rule: run replicated at once (NOTE [fallback] in
+# `dtensor_promotion`).
+RUN_REPLICATED = frozenset()
 
 RULES = dict.fromkeys(_CONVOLUTIONS, _convolution)
 RULES[torch.nn.functional.scaled_dot_product_attention] = _attention
