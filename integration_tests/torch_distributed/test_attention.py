@@ -5,6 +5,7 @@ Padded sequences give query rows whose keys are all masked; before NOTE
 process's by the size of the gradients, and causal attention failed.
 """
 
+import numpy as np
 import pytest
 
 from integration_tests.torch_distributed import launcher
@@ -30,5 +31,13 @@ def test_attention_matches_single_process(tmp_path, strategy, nproc, mesh):
         for s in ("mask_zero", "explicit", "causal", "causal_only")
         for k in KEYS
     ]
-    parity.assert_results_match(results, reference, prefixes)
+    # Softmax ignores a shift shared by all keys: the key bias's gradient
+    # is zero in exact arithmetic, rounding noise (about 1e-7) in both
+    # runs, which Adam turns into steps of up to lr * |g| / eps. Compared
+    # absolutely.
+    key_bias = [k for k in reference if "mha/key/bias" in k]
+    for key in key_bias:
+        for result in results:
+            assert np.abs(result[key] - reference[key]).max() < 1e-4, key
+    parity.assert_results_match(results, reference, prefixes, skip=key_bias)
     parity.assert_same_on_every_rank(results, prefixes)
