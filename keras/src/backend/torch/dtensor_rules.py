@@ -296,7 +296,12 @@ def run_replicated(func, mesh, args, kwargs):
 # Calls that DTensor cannot run sharded, for which it raises some other
 # error than a missing rule: run replicated at once (NOTE [fallback] in
 # `dtensor_promotion`).
-RUN_REPLICATED = frozenset()
+# `repeat_interleave` with tensor repeats (metrics' `ops.repeat`) has an
+# output shape that depends on the values, which sharding propagation
+# cannot infer.
+RUN_REPLICATED = frozenset(
+    (torch.repeat_interleave, torch.Tensor.repeat_interleave)
+)
 
 RULES = dict.fromkeys(_CONVOLUTIONS, _convolution)
 RULES[torch.nn.functional.scaled_dot_product_attention] = _attention
