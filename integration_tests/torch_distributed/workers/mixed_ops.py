@@ -38,6 +38,62 @@ def _cases(x, ids, kernel):
     }
 
 
+def _check_promotion_mechanism(x, kernel):
+    """NOTE [promotion] and NOTE [fallback] in `dtensor_promotion`: what
+    promotion costs and when it falls back, on this rank."""
+    from torch.overrides import TorchFunctionMode
+
+    from keras.src.backend.torch import dtensor_promotion
+    from keras.src.backend.torch import dtensor_rules
+
+    calls = {"dispatch": 0, "replicated": 0}
+    dispatch, run_replicated = (
+        dtensor_promotion._dispatch,
+        dtensor_rules.run_replicated,
+    )
+
+    def counting_dispatch(*args):
+        calls["dispatch"] += 1
+        return dispatch(*args)
+
+    def counting_run_replicated(*args):
+        calls["replicated"] += 1
+        return run_replicated(*args)
+
+    dtensor_promotion._dispatch = counting_dispatch
+    dtensor_rules.run_replicated = counting_run_replicated
+    try:
+        # No torch function mode stays on the stack, and plain-tensor code
+        # never reaches the handler.
+        assert torch._C._len_torch_function_stack() == 0
+        plain = torch.ones(4, 8) * 2.0 + torch.arange(8.0)
+        assert calls["dispatch"] == 0, calls
+        # A user's mode entered and left does not take promotion away.
+        with TorchFunctionMode():
+            pass
+        with torch.device("cpu"):
+            ops.matmul(plain, kernel)
+        assert calls["dispatch"] > 0, calls
+        ops.matmul(x, kernel)
+        # A shape error is raised as it is, never retried replicated.
+        try:
+            ops.matmul(x[:, :5], kernel)
+        except RuntimeError as error:
+            assert "must have same reduction dim" in str(error), error
+        else:
+            raise AssertionError("a (4, 5) x (8, 16) matmul ran")
+        assert calls["replicated"] == 0, calls
+        # An op DTensor cannot shard runs replicated, on purpose.
+        repeated = torch.repeat_interleave(
+            kernel.value, torch.full((8,), 2), dim=0
+        )
+        assert tuple(repeated.shape) == (16, 16)
+        assert calls["replicated"] == 1, calls
+    finally:
+        dtensor_promotion._dispatch = dispatch
+        dtensor_rules.run_replicated = run_replicated
+
+
 def main():
     args = common.parse_args()
     if common.is_distributed():
@@ -65,6 +121,8 @@ def main():
         )
         results[f"value:{name}"] = ops.convert_to_numpy(output)
         results[f"grad:{name}"] = ops.convert_to_numpy(grad)
+    if common.is_distributed():
+        _check_promotion_mechanism(x, dense.kernel)
     common.save_results(**results)
 
 
