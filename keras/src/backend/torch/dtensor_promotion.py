@@ -24,10 +24,18 @@ true of constants and of values computed from replicated state. Per-rank
 data never takes this path: input batches are sharded explicitly by
 `distributed_data`.
 
-What the handler cannot see is a tensor that torch makes in C++, inside an
-op's decomposition below `__torch_function__` (the causal mask of the math
-attention kernel): DTensor then refuses the mixed op. Such ops need a rule
-that runs them on local tensors (NOTE [attention] in `dtensor_rules`).
+NOTE [made in C++]: what the handler cannot see is a tensor that torch
+makes in C++, inside an op's decomposition or backward formula below
+`__torch_function__`: the causal mask of the math attention kernel, the
+zeros `prod`'s backward concatenates, the mask `cumprod`'s backward
+selects with. DTensor would refuse the mixed op ("got mixed torch.Tensor
+and DTensor"). Such a tensor is made from shapes and constants, the same
+on every rank, so it is replicated, which is what DTensor's implicit
+replication (`torch.distributed.tensor.experimental.implicit_replication`)
+takes every plain tensor in an aten op to be: the handler turns it on for
+each thread that meets a DTensor (the flag is per thread; autograd carries
+it into backward). It is the same assumption promotion makes one level
+up, so a plain tensor means the same thing wherever it is met.
 
 The same handler sends the few ops that DTensor cannot shard the way Keras
 needs (convolutions over a batch-sharded input, attention, embedding
@@ -98,7 +106,6 @@ computes a loss and its gradients, and taken off at its end.
 
 import contextlib
 import functools
-import threading
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -108,9 +115,9 @@ from torch.overrides import TorchFunctionMode
 from keras.src.backend.common.variables import Variable as KerasVariable
 from keras.src.backend.torch import deferred_sums
 from keras.src.backend.torch import dtensor_rules
+from keras.src.backend.torch import dtensor_strategies
 from keras.src.backend.torch import dtensor_utils
 
-_lock = threading.Lock()
 # Calls that run backward: never retried replicated (NOTE [uneven
 # gradients]).
 _BACKWARD = frozenset(
@@ -382,9 +389,10 @@ def _dispatch(func, args, kwargs):
         args = tuple(_promote(a, mesh, placements) for a in args)
         kwargs = {k: _promote(v, mesh, placements) for k, v in kwargs.items()}
     rule = dtensor_rules.RULES.get(func)
+    result = dtensor_rules.AS_USUAL
     if rule is not None:
         result = rule(func, *args, **kwargs)
-    else:
+    if result is dtensor_rules.AS_USUAL:
         result = _run_or_fall_back(func, mesh, args, kwargs)
     if (args and result is args[0]) or dtensor_rules.is_in_place(func):
         # In-place ops, and no-op conversions that return their input
@@ -425,8 +433,16 @@ def _dtensor_torch_function(cls, func, types, args=(), kwargs=None):
     do: the calls it makes (promotion, rules, the op itself) do not come
     back here.
     """
+    if not _get_implicit_replication():
+        # Per thread; set on every thread that meets a DTensor, before its
+        # first op (NOTE [made in C++]).
+        _set_implicit_replication(True)
     with torch._C.DisableTorchFunctionSubclass():
         return _dispatch(func, args, kwargs or {})
+
+
+_get_implicit_replication = torch._C._get_dtensor_allow_implicit_replication
+_set_implicit_replication = torch._C._set_dtensor_allow_implicit_replication
 
 
 # DTensor's own `__torch_function__`: disabled, straight to dispatch.
@@ -439,9 +455,8 @@ def enable():
 
     Process-wide and idempotent: every thread, every DTensor from then on.
     """
-    if DTensor.__dict__["__torch_function__"] is not _PROMOTING:
-        with _lock:
-            DTensor.__torch_function__ = _PROMOTING
+    dtensor_strategies.register()
+    DTensor.__torch_function__ = _PROMOTING
 
 
 def is_enabled():

@@ -20,6 +20,10 @@ and a DTensor is among its arguments (after plain tensors were promoted).
   sequence and each head, so the rule runs the op on each rank's local
   rows and heads, with the kernel one process would choose (NOTE
   [attention]).
+- Backward kernels DTensor has no strategy for (pooling, hard
+  activations, reflection padding): strategies registered with DTensor
+  itself, since they run inside autograd where no call reaches this
+  module (NOTE [backward strategies] in `dtensor_strategies`).
 - Any other op DTensor has no sharding rule for: `run_replicated` makes its
   DTensor arguments replicated (a no-op for replicated ones, a gather for
   sharded ones), runs it on the local values and returns replicated
@@ -42,6 +46,9 @@ from torch.distributed.tensor import _sharding_prop
 from keras.src.backend.torch import dtensor_utils
 
 _logger = logging.getLogger(__name__)
+# What a rule returns for a call it leaves to the usual path (DTensor,
+# then NOTE [fallback] in `dtensor_promotion`).
+AS_USUAL = object()
 _gathered_ops = set()
 
 _CONVOLUTIONS = {
@@ -55,6 +62,13 @@ _CONVOLUTIONS = {
 
 
 def _convolution(func, input, weight, bias=None, *args, **kwargs):
+    if input.ndim == weight.ndim - 1:
+        # Unbatched `(channels, *spatial)` (`ops.correlate` convolves so):
+        # a batch of one, so that dim 0 is the batch as below.
+        output = _convolution(
+            func, input.unsqueeze(0), weight, bias, *args, **kwargs
+        )
+        return output.squeeze(0)
     transposed = _CONVOLUTIONS[func]
     groups = kwargs.get("groups", args[-1] if len(args) >= 4 else 1)
     mesh = weight.device_mesh
@@ -118,7 +132,21 @@ def _embedding(func, input, weight, *args, **kwargs):
         ]
         if placements != list(weight.placements):
             weight = weight.redistribute(weight.device_mesh, placements)
-    return func(input, weight, *args, **kwargs)
+    output = func(input, weight, *args, **kwargs)
+    # A table sharded by rows gives each rank the rows it holds, the rest
+    # masked (`Partial` with a mask): reduced now, while the mask is this
+    # op's. Left `Partial` over the batch axis, where NOTE [partial
+    # results] leaves sums to DTensor, a later op would reduce it with
+    # another op's mask (`ops.take` of a row-sharded array by replicated
+    # indices failed so).
+    if isinstance(output, DTensor) and any(
+        p.is_partial() for p in output.placements
+    ):
+        output = output.redistribute(
+            output.device_mesh,
+            [Replicate() if p.is_partial() else p for p in output.placements],
+        )
+    return output
 
 
 # NOTE [attention]: DTensor runs `scaled_dot_product_attention` on CPU
@@ -194,6 +222,87 @@ def _attention(func, query, key, value, attn_mask=None, *args, **kwargs):
     output = func(*local, attn_mask, *args, **kwargs)
     shape = (*query.shape[:-1], value.shape[-1])
     return dtensor_utils.from_local(output, mesh, placements, shape)
+
+
+def _replicate_dims(x, dims):
+    """`x` with no mesh axis sharding any of `dims` (gathered there)."""
+    dims = {d % x.ndim for d in dims}
+    placements = [
+        Replicate() if p.is_shard() and p.dim in dims else p
+        for p in x.placements
+    ]
+    if placements == list(x.placements):
+        return x
+    return x.redistribute(x.device_mesh, placements)
+
+
+def _unbind(func, input, dim=0):
+    # DTensor cannot split a tensor along a sharded dim into its slices
+    # (`image.map_coordinates` unbinds its coordinates so): gather it.
+    return func(_replicate_dims(input, [dim]), dim)
+
+
+def _rms_norm(func, input, normalized_shape, *args, **kwargs):
+    # The mean over the normalized (last) dims is `Partial` when one is
+    # sharded, and the decomposition adds epsilon to it in place, which
+    # DTensor refuses: those dims are gathered first, as DTensor's own
+    # layer norm does.
+    dims = range(input.ndim - len(normalized_shape), input.ndim)
+    return func(_replicate_dims(input, dims), normalized_shape, *args, **kwargs)
+
+
+def _is_mask(index):
+    return isinstance(index, torch.Tensor) and index.dtype in (
+        torch.bool,
+        torch.uint8,
+    )
+
+
+def _getitem(func, input, index):
+    # A boolean mask selects a number of values only its values say, which
+    # sharding propagation cannot infer: run replicated (NOTE [fallback]).
+    indices = index if isinstance(index, tuple) else (index,)
+    if any(_is_mask(i) for i in indices):
+        return run_replicated(func, input.device_mesh, (input, index), {})
+    return AS_USUAL
+
+
+def _indexed_dims(index, ndim):
+    """The dims of an `ndim`-D tensor that `tensor[index]` selects from
+    (every dim but those a bare `:` keeps whole)."""
+    items = index if isinstance(index, tuple) else (index,)
+
+    def width(item):
+        if item is None or item is Ellipsis:
+            return 0
+        return item.ndim if _is_mask(item) else 1
+
+    dims, dim = set(), 0
+    for item in items:
+        if item is Ellipsis:
+            dim += ndim - sum(width(i) for i in items)
+            continue
+        if not (isinstance(item, slice) and item == slice(None)):
+            dims.update(range(dim, dim + width(item)))
+        dim += width(item)
+    return dims
+
+
+def _setitem(func, input, index, value):
+    # Writing into a sharded dim (`transform[:, 0] = b1` with `transform`
+    # sharded by columns) makes DTensor redistribute the view it writes
+    # to, and the write lands in that copy: `input` keeps its old values,
+    # with no error. So such a write runs replicated, which writes the
+    # result back into `input` (`run_replicated`). Writes that keep every
+    # sharded dim whole (a cache's sequence slot of a batch-sharded
+    # cache) write each rank's own shard.
+    if isinstance(input, DTensor):
+        indexed = _indexed_dims(index, input.ndim)
+        if any(p.is_shard() and p.dim in indexed for p in input.placements):
+            return run_replicated(
+                func, input.device_mesh, (input, index, value), {}
+            )
+    return AS_USUAL
 
 
 def is_missing_rule(error):
@@ -282,8 +391,13 @@ def run_replicated(func, mesh, args, kwargs):
         return x
 
     local_args = to_local(tuple(args))
-    output = func(*local_args, **{k: to_local(v) for k, v in kwargs.items()})
     target = _mutated_argument(func, args)
+    if target is not None:
+        # Autograd refuses in-place writes to a view that `to_local`'s
+        # backward needs (`transform[:, 0:2, 2] = 0` in
+        # `image.affine_transform`): the op writes to a copy.
+        local_args = (local_args[0].clone(), *local_args[1:])
+    output = func(*local_args, **{k: to_local(v) for k, v in kwargs.items()})
     if target is not None:
         # The op wrote to a replicated copy of `target`: write the new value
         # back into `target`, in its own layout, for the caller to see it.
@@ -295,14 +409,31 @@ def run_replicated(func, mesh, args, kwargs):
 
 # Calls that DTensor cannot run sharded, for which it raises some other
 # error than a missing rule: run replicated at once (NOTE [fallback] in
-# `dtensor_promotion`).
-# `repeat_interleave` with tensor repeats (metrics' `ops.repeat`) has an
-# output shape that depends on the values, which sharding propagation
-# cannot infer.
+# `dtensor_promotion`). Each has an output whose shape depends on the
+# values (which sharding propagation cannot infer, even for replicated
+# arguments) or no shape rule at all: `repeat_interleave` with tensor
+# repeats (metrics' `ops.repeat`), `bincount`, `nonzero`, and
+# `linalg.lstsq`; and `quantile` (`ops.median` too), whose decomposition
+# in C++ has a backward that fails on DTensors even when replicated.
 RUN_REPLICATED = frozenset(
-    (torch.repeat_interleave, torch.Tensor.repeat_interleave)
+    (
+        torch.quantile,
+        torch.Tensor.quantile,
+        torch.nanquantile,
+        torch.repeat_interleave,
+        torch.Tensor.repeat_interleave,
+        torch.bincount,
+        torch.Tensor.bincount,
+        torch.nonzero,
+        torch.Tensor.nonzero,
+        torch.linalg.lstsq,
+    )
 )
 
 RULES = dict.fromkeys(_CONVOLUTIONS, _convolution)
 RULES[torch.nn.functional.scaled_dot_product_attention] = _attention
 RULES[torch.nn.functional.embedding] = _embedding
+RULES[torch.unbind] = RULES[torch.Tensor.unbind] = _unbind
+RULES[torch.nn.functional.rms_norm] = _rms_norm
+RULES[torch.Tensor.__getitem__] = _getitem
+RULES[torch.Tensor.__setitem__] = _setitem
