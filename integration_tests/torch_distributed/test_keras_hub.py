@@ -29,6 +29,7 @@ for _module in ("keras_hub", "grain"):
         pytest.skip(f"{_module} is not installed", allow_module_level=True)
 
 WORKER = "keras_hub_layouts.py"
+KERAS_HUB_ATOL = 1e-5
 MODELS = ["gemma", "llama", "qwen"]
 # mesh -> (ranks, models run on it). A (2, 2) run takes about a minute and
 # a half on 2 cores, mostly DTensor choosing shardings on a 2-D mesh: one
@@ -76,7 +77,14 @@ def test_matches_single_process(runs, mesh, name):
     results = run(mesh)
     keys = ["init:", "forward", "grad:", "loss", "history:", "weight:"]
     prefixes = [f"{name}:{key}" for key in keys + ["predict"]]
-    count = parity.assert_results_match(results, reference, prefixes)
+    # The logits come out of two transformer blocks and a tied-embedding
+    # projection: each block's float32 sums, reordered across ranks, keep
+    # rounding errors of the size of its activations (Gemma scales its
+    # embeddings by sqrt(hidden_dim)), not of each small logit: measured
+    # up to 3.2e-6 on logits of 0.01. torch.testing's float32 atol.
+    count = parity.assert_results_match(
+        results, reference, prefixes, atol=KERAS_HUB_ATOL
+    )
     grads = [k for k in reference if k.startswith(f"{name}:grad:")]
     assert count == 3 * len(grads) + 5, count
     for rank, result in enumerate(results):

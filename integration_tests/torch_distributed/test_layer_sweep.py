@@ -7,8 +7,8 @@ inference output, training output, loss, gradients of its float inputs and
 of every trainable variable, and its weights and loss after one `fit` step
 are compared element by element with the reference.
 
-With `KERAS_TORCH_PARITY_REPORT=<file>`, the test also writes the table of
-results (markdown) that docs/parity.md shows.
+With `KERAS_TORCH_PARITY_REPORT=<file>`, the test also records its results
+there for docs/parity.md (see `parity_report`).
 """
 
 import os
@@ -18,11 +18,12 @@ import pytest
 
 from integration_tests.torch_distributed import launcher
 from integration_tests.torch_distributed import parity
+from integration_tests.torch_distributed import parity_report
 
 WORKER = "layer_sweep.py"
 TIMEOUT = 600
 REPORT = os.environ.get("KERAS_TORCH_PARITY_REPORT")
-# What the report shows, per strategy: (header, ranks, result prefix).
+# Each strategy's column in the report, and its number of ranks.
 STRATEGIES = {
     "data": ("DataParallel, 2 ranks", 2),
     "model": ("ModelParallel (1, 2)", 2),
@@ -130,17 +131,14 @@ def test_every_layer_matches_single_process(runs, strategy):
 
 
 def _write_report(strategy, reference, rows, failures):
-    """Append one strategy's rows to the report file."""
-    header, _ = STRATEGIES[strategy]
-    lines = [
-        f"\n### {header}\n",
-        "| family | layer | max abs difference | tolerance used |",
-        "|---|---|---|---|",
-    ]
+    """Append one strategy's rows to the report (see `parity_report`)."""
     for case, (worst, used) in rows.items():
-        family = reference[f"{case}/family"]
-        lines.append(f"| {family} | `{case}` | {worst:.1e} | {used:.0%} |")
+        family = str(reference[f"{case}/family"])
+        parity_report.append(
+            REPORT, "layers", STRATEGIES[strategy][0], family, case, worst, used
+        )
     for failure in failures:
-        lines.append(f"| FAILED | {failure} | |")
-    with open(REPORT, "a") as report:
-        report.write("\n".join(lines) + "\n")
+        case, _, error = failure.partition(": ")
+        parity_report.append(
+            REPORT, "layers", STRATEGIES[strategy][0], "", case, error=error
+        )

@@ -5,8 +5,8 @@ One 2-rank launch runs the whole table: each op on replicated, sharded
 (unevenly), last-dim-sharded and mixed plain/DTensor inputs, against the
 same op on plain tensors, values and input gradients, element by element.
 
-With `KERAS_TORCH_PARITY_REPORT=<file>`, the test also writes the table of
-results (markdown) that docs/parity.md shows.
+With `KERAS_TORCH_PARITY_REPORT=<file>`, the test also records its results
+there for docs/parity.md (see `parity_report`).
 """
 
 import os
@@ -16,6 +16,7 @@ import pytest
 
 from integration_tests.torch_distributed import launcher
 from integration_tests.torch_distributed import parity
+from integration_tests.torch_distributed import parity_report
 
 LAYOUTS = ("replicated", "sharded", "sharded_last", "mixed")
 REPORT = os.environ.get("KERAS_TORCH_PARITY_REPORT")
@@ -92,19 +93,14 @@ def test_every_op_matches_plain_tensors(results):
 
 
 def _write_report(rows, failures):
-    lines = [
-        "\n### keras.ops on DTensors, 2 ranks\n",
-        "Max abs difference of values and input gradients, and the largest "
-        "share of the element-wise tolerance used, over the four layouts.\n",
-        "| family | op | max abs difference | tolerance used |",
-        "|---|---|---|---|",
-    ]
+    """Append the rows to the report (see `parity_report`)."""
     for op, layouts in rows.items():
         family, name = op.split("/", 1)
-        worst = max(w for w, _ in layouts.values())
-        used = max(u for _, u in layouts.values())
-        lines.append(f"| {family} | `{name}` | {worst:.1e} | {used:.0%} |")
+        for layout, (worst, used) in layouts.items():
+            parity_report.append(
+                REPORT, "ops", layout, family, name, worst, used
+            )
     for failure in failures:
-        lines.append(f"| FAILED | {failure} | | |")
-    with open(REPORT, "a") as report:
-        report.write("\n".join(lines) + "\n")
+        op, _, error = failure.partition(": ")
+        family, name = op.split("/", 1)
+        parity_report.append(REPORT, "ops", "", family, name, error=error)

@@ -20,6 +20,13 @@ and a DTensor is among its arguments (after plain tensors were promoted).
   sequence and each head, so the rule runs the op on each rank's local
   rows and heads, with the kernel one process would choose (NOTE
   [attention]).
+- Indexing and views DTensor gets wrong or cannot do: a write into a
+  sharded dim through `__setitem__` (DTensor writes it into a
+  redistributed copy and loses it), a boolean-mask read (its shape
+  depends on the values), `unbind` along a sharded dim, and `rms_norm`
+  over sharded dims (its decomposition adds in place to a `Partial` mean):
+  each is run replicated or has the dims it needs gathered first. A rule
+  returns `AS_USUAL` for a call it leaves to DTensor.
 - Backward kernels DTensor has no strategy for (pooling, hard
   activations, reflection padding): strategies registered with DTensor
   itself, since they run inside autograd where no call reaches this
