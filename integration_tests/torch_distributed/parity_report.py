@@ -31,15 +31,13 @@ FOOTER = """## Not in the sweeps
 - Layers that do not run on torch in one process, or not as part of a
   torch model: `TextVectorization` and `StringLookup` (strings),
   `TFSMLayer`, `JaxLayer`, `FlaxLayer`.
-- Layers not yet given a row: `TorchModuleWrapper`, `ConvLSTM1D`,
-  `ConvLSTM3D`, `SpatialDropout3D`, `MelSpectrogram`, `STFTSpectrogram`,
-  and the image augmentation layers beyond `RandomFlip`,
-  `RandomTranslation` and `RandomContrast` (`RandAugment`, `AugMix`,
-  `CutMix`, `MixUp`, `RandomRotation`, `RandomZoom`, ...).
-- `keras.ops` not yet given a row: complex-valued and `ctc_*` ops, `eig`,
-  `lu_factor`, `istft`, `ops.image.perspective_transform`,
-  `elastic_transform`, and the `ops.core` control flow ops (`scan`,
-  `fori_loop`, `while_loop`, `vectorized_map`).
+- Layers not yet given a row: `ConvLSTM3D` and the image augmentation
+  layers beyond `RandomFlip`, `RandomTranslation`, `RandomContrast`,
+  `RandomRotation` and `RandomZoom` (`RandAugment`, `AugMix`, `CutMix`,
+  `MixUp`, ...).
+- `keras.ops` not yet given a row: complex-valued ops, `eig`,
+  `ops.image.perspective_transform`, `elastic_transform`, and
+  `while_loop`.
 """
 
 

@@ -256,6 +256,21 @@ def _conv_lstm(x):
     return _dense_head(h)
 
 
+def _conv_lstm1d(x):
+    h = layers.ConvLSTM1D(4, 3, padding="same", name="convlstm")(x)
+    return _dense_head(h)
+
+
+def _torch_module(x):
+    import torch
+
+    linear = torch.nn.Linear(4, 6)
+    h = layers.TorchModuleWrapper(
+        linear, output_shape=(None, 8, 6), name="wrapped"
+    )(x)
+    return _dense_head(h)
+
+
 CASES = [
     # Core.
     _layer(
@@ -472,6 +487,16 @@ CASES = [
         },
     ),
     Case(
+        "ConvLSTM1D",
+        "recurrent",
+        _conv_lstm1d,
+        (Spec((3, 6, 2)),),
+        {
+            "convlstm/kernel": (None, None, M),
+            "convlstm/recurrent_kernel": (None, None, M),
+        },
+    ),
+    Case(
         "TimeDistributed(Dense)",
         "recurrent",
         _time_distributed,
@@ -561,6 +586,45 @@ CASES = [
         "preprocessing",
         lambda: layers.RandomContrast(0.5, seed=5),
         F2,
+    ),
+    _layer(
+        "RandomRotation(seed)",
+        "preprocessing",
+        lambda: layers.RandomRotation(0.2, seed=5),
+        F2,
+    ),
+    _layer(
+        "RandomZoom(seed)",
+        "preprocessing",
+        lambda: layers.RandomZoom(0.3, seed=5),
+        F2,
+    ),
+    _layer(
+        "MelSpectrogram",
+        "preprocessing",
+        lambda: layers.MelSpectrogram(
+            fft_length=16,
+            sequence_stride=4,
+            num_mel_bins=8,
+            sampling_rate=800,
+        ),
+        Spec((32,)),
+    ),
+    _layer(
+        "STFTSpectrogram",
+        "preprocessing",
+        lambda: layers.STFTSpectrogram(
+            frame_length=8, frame_step=4, fft_length=8
+        ),
+        Spec((32, 1)),
+    ),
+    Case(
+        "TorchModuleWrapper(Linear)",
+        "core",
+        _torch_module,
+        (F1,),
+        # The wrapper names the module's parameters `variable`, ...
+        {"^variable$": (M, None), "^variable_1$": (M,)},
     ),
     # Noise and dropout, seeded.
     _noise("Dropout(seed)", lambda: layers.Dropout(0.5, seed=1)),

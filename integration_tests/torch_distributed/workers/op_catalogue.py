@@ -231,6 +231,13 @@ NN = [
         ("f:5,4,2,6", "f:5,4,2,6", "f:5,4,2,6"),
     ),
     ("psnr", lambda a, b: ops.psnr(a, b, 4.0), (F, F)),
+    (
+        "ctc_loss",
+        lambda t, x: ops.ctc_loss(
+            t, x, ops.full((5,), 2, "int32"), ops.full((5,), 6, "int32")
+        ),
+        ("i:5,2:3", "f:5,6,4"),
+    ),
     ("random.dropout(seed)", lambda x: random.dropout(x, 0.5, seed=3), (F,)),
 ]
 
@@ -248,6 +255,11 @@ MATH = [
     ("rfft", lambda x: ops.rfft(x), ("f:5,8",)),
     ("irfft", lambda a, b: ops.irfft((a, b)), ("f:5,5", "f:5,5")),
     ("stft", lambda x: ops.stft(x, 4, 2, 4), ("f:5,16",)),
+    (
+        "istft",
+        lambda a, b: ops.istft((a, b), 4, 2, 4),
+        ("f:5,9,3", "f:5,9,3"),
+    ),
 ]
 
 LINALG = [
@@ -266,6 +278,7 @@ LINALG = [
     ("norm(linalg)", lambda x: ops.norm(x, axis=(1, 2)), ("f:5,4,3",)),
     ("logdet", ops.logdet, ("spd:5,3",)),
     ("lstsq", lambda a, b: ops.lstsq(a, b), ("f:6,3", "f:6,2")),
+    ("lu_factor", lambda x: ops.lu_factor(x)[0], ("spd:5,3",)),
 ]
 
 IMAGE = [
@@ -297,7 +310,33 @@ IMAGE = [
     ("gaussian_blur", lambda x: ops.image.gaussian_blur(x), (IMG,)),
 ]
 
+CORE = [
+    (
+        "fori_loop",
+        lambda x: ops.fori_loop(0, 3, lambda i, v: v * 0.5 + ops.sin(v), x),
+        (F,),
+    ),
+    (
+        "scan",
+        lambda x: ops.scan(lambda c, v: (c + v, c * v), ops.zeros((4,)), x),
+        (F,),
+    ),
+    ("vectorized_map", lambda x: ops.vectorized_map(ops.softmax, x), (F3,)),
+    (
+        "cond",
+        lambda x: ops.cond(True, lambda: x * 2.0, lambda: x),
+        (F,),
+    ),
+    ("slice_update", lambda x, u: ops.slice_update(x, (1, 0), u), (F, "f:2,4")),
+    (
+        "scatter_update",
+        lambda x: ops.scatter_update(x, [[0, 1], [3, 2]], ops.ones((2,))),
+        (F,),
+    ),
+]
+
 FAMILIES = {
+    "core": CORE,
     "numpy": NUMPY,
     "nn": NN,
     "math": MATH,

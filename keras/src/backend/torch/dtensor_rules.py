@@ -420,7 +420,8 @@ def run_replicated(func, mesh, args, kwargs):
 # values (which sharding propagation cannot infer, even for replicated
 # arguments) or no shape rule at all: `repeat_interleave` with tensor
 # repeats (metrics' `ops.repeat`), `bincount`, `nonzero`, and
-# `linalg.lstsq`; and `quantile` (`ops.median` too), whose decomposition
+# `linalg.lstsq`; `ctc_loss`, whose missing strategy DTensor reports as a
+# failed propagation; and `quantile` (`ops.median` too), whose decomposition
 # in C++ has a backward that fails on DTensors even when replicated.
 RUN_REPLICATED = frozenset(
     (
@@ -434,6 +435,7 @@ RUN_REPLICATED = frozenset(
         torch.nonzero,
         torch.Tensor.nonzero,
         torch.linalg.lstsq,
+        torch.nn.functional.ctc_loss,
     )
 )
 
