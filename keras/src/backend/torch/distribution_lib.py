@@ -469,3 +469,15 @@ def distribute_data_input(per_process_batch, layout, batch_dim_name):
     return distributed_data.from_process_local(
         per_process_batch, _as_dtensor_layout(layout), batch_dim_name
     )
+
+
+def write_once(write, filepath, read_state, values, atomic=True):
+    """Write a model file from process 0 alone, every process in step.
+
+    See NOTE [one writer] in `distributed_saving.py`.
+    """
+    from keras.src.backend.torch import distributed_saving
+
+    distributed_saving.write_once(
+        write, filepath, read_state, values, atomic=atomic
+    )
