@@ -165,9 +165,7 @@ def _write_once(write, filepath, read_state, values, atomic):
     gathers = needs_every_process(values)
     store.add(f"{key}/arrived", 1)
     if gathers:
-        _wait_for_every_process(
-            store, key, dist.get_world_size(), filepath
-        )
+        _wait_for_every_process(store, key, dist.get_world_size(), filepath)
     if dist.get_rank() == 0:
         _write_as_chief(write, filepath, atomic, store, key)
         return
