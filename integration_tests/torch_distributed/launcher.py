@@ -71,6 +71,7 @@ def run_workers(
     timeout=DEFAULT_TIMEOUT,
     expect_success=True,
     env=None,
+    torchrun_args=(),
 ):
     """Run `workers/<script>` under torchrun on `nproc` ranks.
 
@@ -82,6 +83,7 @@ def run_workers(
         timeout: Seconds before the whole process group is killed.
         expect_success: If True, a non-zero exit raises `LaunchError`.
         env: Extra environment variables for every rank.
+        torchrun_args: Extra arguments for torchrun (`--max-restarts=1`).
 
     Returns:
         `(returncode, output, results)` where `results` is a list with one
@@ -97,6 +99,7 @@ def run_workers(
         "--rdzv-backend=c10d",
         "--rdzv-endpoint=localhost:0",
         "--tee=3",
+        *torchrun_args,
         str(WORKERS / script),
         *args,
     ]

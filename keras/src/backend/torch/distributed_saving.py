@@ -24,8 +24,10 @@ gathers waits at most `KERAS_TORCH_SAVE_ARRIVAL_TIMEOUT` seconds (default
 30) for every rank to arrive, then raises on the ranks that did, rather
 than hanging in a gather the others never join.
 
-Each rank numbers its saves; the n-th save of every rank is one save. The
-store's keys are small and left in place until the world ends.
+Each rank numbers its saves to each path; the n-th save to a path is the
+same save on every rank (so a save to another path on process 0 alone
+does not shift the count). The store's keys are small and left in place
+until the world ends.
 """
 
 import contextlib
@@ -42,7 +44,7 @@ from keras.src.backend.torch import process_group
 _ARRIVAL_TIMEOUT_ENV = "KERAS_TORCH_SAVE_ARRIVAL_TIMEOUT"
 _DEFAULT_ARRIVAL_TIMEOUT_SECONDS = 30
 _POLL_SECONDS = 0.005
-_state = {"saves": 0}
+_saves_per_path = {}
 
 
 def _store():
@@ -160,8 +162,9 @@ def _no_distribution():
 
 def _write_once(write, filepath, read_state, values, atomic):
     store = _store()
-    _state["saves"] += 1
-    key = f"keras/save/{_state['saves']}"
+    target = os.path.abspath(filepath)
+    _saves_per_path[target] = _saves_per_path.get(target, 0) + 1
+    key = f"keras/save/{target}/{_saves_per_path[target]}"
     gathers = needs_every_process(values)
     store.add(f"{key}/arrived", 1)
     if gathers:

@@ -124,10 +124,14 @@ def initialize(job_addresses=None, num_processes=None, process_id=None):
             os.environ.get("LOCAL_RANK", process_id % torch.cuda.device_count())
         )
         torch.cuda.set_device(local_rank)
+    store = None
+    if init_method == "env://" and _restarted_by_torchrun():
+        store = _store_of_this_attempt(num_processes)
     try:
         dist.init_process_group(
             backend,
-            init_method=init_method,
+            init_method=None if store else init_method,
+            store=store,
             world_size=num_processes,
             rank=process_id,
             timeout=_timeout(),
@@ -140,6 +144,31 @@ def initialize(job_addresses=None, num_processes=None, process_id=None):
         ) from error
     _register_teardown()
     _agree_on_random_seed()
+
+
+def _restarted_by_torchrun():
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and (
+        int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    )
+
+
+def _store_of_this_attempt(num_processes):
+    """The agent's store, under a prefix of this restart attempt's own.
+
+    After `torchrun --max-restarts` restarts the workers, they meet in the
+    same agent store as the attempt before, whose gloo addresses are still
+    there: a rank that reads a dead peer's address fails to connect. A
+    prefix per attempt keeps each attempt's keys apart.
+    """
+    tcp_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        num_processes,
+        is_master=False,
+        timeout=_timeout(),
+    )
+    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    return dist.PrefixStore(f"keras/attempt_{attempt}/", tcp_store)
 
 
 def ensure_process_group():
