@@ -126,3 +126,28 @@ def test_layout_map_shards_variables(runs, mesh, name):
             assert len(matched) > 0, f"layout key {key!r} matched nothing"
             index += 1
         assert index >= 5, f"only {index} layout keys recorded"
+
+
+def test_preset_loads_into_shards(tmp_path):
+    # `save_to_preset` in one process; `from_preset` under ModelParallel
+    # (1, 2) with Gemma's own layout map: each rank holds half of every
+    # sharded variable, and the output is one process's.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    args = ["--shared", str(shared)]
+    reference = launcher.run_reference("keras_hub_preset.py", tmp_path, args)
+    _, _, results = launcher.run_workers(
+        "keras_hub_preset.py", 2, tmp_path, args
+    )
+    parity.assert_results_match(
+        results, reference, ["output"], atol=KERAS_HUB_ATOL
+    )
+    halved = [
+        key[len("local_shape:") :]
+        for key, local in results[0].items()
+        if key.startswith("local_shape:")
+        and np.prod(local) * 2
+        == np.prod(results[0]["global_shape:" + key[len("local_shape:") :]])
+    ]
+    # The embedding, attention and feed-forward kernels of both layers.
+    assert len(halved) >= 9, halved
