@@ -49,6 +49,7 @@ import keras  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model_parallel_memory import _layout_map  # noqa: E402
+from model_parallel_memory import add_model_arguments  # noqa: E402
 
 
 def _status_mb(field):
@@ -308,11 +309,9 @@ def _report(ranks, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--width", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=8)
+    add_model_arguments(parser)
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--fit-steps", type=int, default=20)
     parser.add_argument("--save-freq", type=int, default=10)
     parser.add_argument("--dir", help="where to write (default: a temp dir)")

@@ -99,11 +99,16 @@ def _run(command, timeout):
     subprocess.run(command, env=env, check=True, timeout=timeout)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_model_arguments(parser):
+    """The MLP's size, shared with `checkpoint_save_load.py`."""
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=8)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_arguments(parser)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument(
