@@ -326,3 +326,27 @@ def test_killed_save_leaves_the_previous_file(tmp_path):
         )
     leftovers = [p.name for p in shared.iterdir() if p.name.startswith(".")]
     assert all(name.endswith(".tmp") for name in leftovers), leftovers
+
+
+def test_full_files_stream_one_variable_at_a_time(tmp_path):
+    """Saving and loading a 125 MB file never holds the model in full.
+
+    Each rank's peak memory grows by at most one full variable (62.5 MB)
+    plus the streaming buffer and h5py's working memory, not by the
+    whole model's 125 MB.
+    """
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    _, _, results = launcher.run_workers(
+        SCRIPT, 2, tmp_path / "run", _args(shared, "streaming")
+    )
+    # h5py's and the allocator's working memory; gathering both kernels
+    # would grow by 125 MB or more.
+    slack_mb = 32
+    for rank, result in enumerate(results):
+        assert result["assigned"] and result["loaded"], rank
+        assert result["read_in_full"], rank
+        largest = float(result["largest_mb"])
+        for key in ("save_growth_mb", "load_growth_mb"):
+            assert float(result[key]) <= largest + slack_mb, (rank, key, result)
+    assert results[0]["written"]

@@ -19,6 +19,10 @@ test share:
   starts it again.
 - `interrupted`: process 0 is killed in the middle of writing a second
   `.weights.h5` over a first.
+- `streaming`: a `.weights.h5` file of two kernels of 62 MB, one sharded
+  by rows and one by columns, saved and loaded: the values each rank
+  holds and process 0 writes, and how far each rank's resident memory
+  rises above what it held before.
 """
 
 import os
@@ -288,6 +292,110 @@ def interrupted(args):
     raise AssertionError("process 0 should have died while saving")
 
 
+def _resident_mb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _peak_growth_mb(run):
+    """How far resident memory rises above its level before `run()`."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Resets the high-water mark (VmHWM) to VmRSS.
+    before = _resident_mb("VmRSS")
+    run()
+    dist.barrier()
+    return _resident_mb("VmHWM") - before
+
+
+def _local_shards_match(model, values):
+    """Whether every rank's shard of each kernel is its part of `values`."""
+    import torch
+
+    matches = []
+    for variable in model.weights:
+        if variable.path not in values:
+            continue
+        full = torch.from_numpy(values[variable.path])
+        dtensor = variable.value
+        expected = full
+        for mesh_axis, placement in enumerate(dtensor.placements):
+            if placement.is_shard():
+                pieces = torch.chunk(
+                    expected,
+                    dtensor.device_mesh.size(mesh_axis),
+                    dim=placement.dim,
+                )
+                index = dtensor.device_mesh.get_coordinate()[mesh_axis]
+                expected = pieces[index]
+        local = dtensor.to_local().detach()
+        matches.append(
+            tuple(local.shape) == tuple(expected.shape)
+            and torch.equal(local, expected)
+        )
+    return all(matches) and len(matches) == len(values)
+
+
+def streaming(args):
+    mesh = keras.distribution.DeviceMesh(
+        (1, 2), ("batch", "model"), keras.distribution.list_devices()
+    )
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map["columns/kernel"] = (None, "model")  # (4000, 4094)
+    layout_map["rows/kernel"] = ("model", None)  # (4094, 4000)
+    keras.distribution.set_distribution(
+        keras.distribution.ModelParallel(
+            layout_map=layout_map, batch_dim_name="batch"
+        )
+    )
+    inputs = keras.Input((4000,))
+    h = keras.layers.Dense(4094, name="columns")(inputs)
+    outputs = keras.layers.Dense(4000, name="rows")(h)
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(0)
+    kernels = {}
+    for variable in model.weights:
+        if variable.path.endswith("kernel"):
+            kernels[variable.path] = rng.standard_normal(
+                variable.shape, dtype="float32"
+            )
+            variable.assign(kernels[variable.path])
+    results = {"assigned": _local_shards_match(model, kernels)}
+    path = os.path.join(args.shared, "streaming.weights.h5")
+    results["save_growth_mb"] = _peak_growth_mb(
+        lambda: model.save_weights(path)
+    )
+    if common.RANK == 0:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            # The file names layers by class and order; a kernel is its
+            # layer's first variable.
+            results["written"] = np.array_equal(
+                f["layers/dense/vars/0"][()], kernels["columns/kernel"]
+            ) and np.array_equal(
+                f["layers/dense_1/vars/0"][()], kernels["rows/kernel"]
+            )
+    for variable in model.weights:
+        variable.assign(np.zeros(variable.shape, "float32"))
+    results["load_growth_mb"] = _peak_growth_mb(
+        lambda: model.load_weights(path)
+    )
+    results["loaded"] = _local_shards_match(model, kernels)
+    results["read_in_full"] = all(
+        np.array_equal(keras.ops.convert_to_numpy(v), kernels[v.path])
+        for v in model.weights
+        if v.path in kernels
+    )
+    results["largest_mb"] = max(a.nbytes for a in kernels.values()) / 2**20
+    common.save_results(**results)
+
+
 def main():
     args = common.parse_args(
         {
@@ -302,6 +410,7 @@ def main():
         "load": load,
         "resume": resume,
         "interrupted": interrupted,
+        "streaming": streaming,
     }[args.scenario](args)
 
 

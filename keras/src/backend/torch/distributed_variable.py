@@ -26,10 +26,12 @@ takes rank 0's, at the cost of a broadcast (a metric reset was two per
 
 import math
 
+import numpy as np
 import torch
 
 from keras.src.backend.common import global_state
 from keras.src.backend.torch import dtensor_utils
+from keras.src.backend.torch import shard_streaming
 
 
 def _variable_layout(variable):
@@ -146,20 +148,56 @@ def parameter_from_initializer(variable, initializer, device):
     return new_parameter(variable, value, device)
 
 
+def borrow_array(variable, value):
+    """A NumPy `value` for a DTensor variable, as a tensor on its memory.
+
+    Keras converts a value to a tensor before assigning it, and converting
+    an array copies it. A DTensor variable only reads the value, to write
+    its shards, so the copy is one more full-size tensor for nothing: on a
+    large variable being loaded from a file, the one that runs out of
+    memory. Other values, and values for plain variables (which may keep
+    the tensor they are given, as a stateless scope does), are returned
+    as they are.
+
+    Args:
+        variable: The Keras variable being assigned to.
+        value: The value given to `assign`.
+
+    Returns:
+        A tensor sharing `value`'s memory, or `value` unchanged.
+    """
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    if (
+        not isinstance(value, np.ndarray)
+        or not value.flags.writeable
+        or not dtensor_utils.is_dtensor(variable._value)
+        or in_stateless_scope()
+    ):
+        return value
+    try:
+        return torch.from_numpy(value)
+    except TypeError:  # A dtype torch has no tensors of (bfloat16 arrays).
+        return value
+
+
 def value_to_assign(current, value):
     """Return `value` in the layout of a variable's `current` value.
 
     A DTensor of another layout is redistributed (a `Partial` one is reduced
     once). A plain tensor assigned to a DTensor variable is taken from rank
-    0, so every rank stores the same value. A DTensor assigned to a plain
-    variable is gathered.
+    0, so every rank stores the same value; when it is sharded, rank 0's
+    value is written straight into every rank's shard of `current`
+    (`shard_streaming`), and `current` itself is returned. A DTensor
+    assigned to a plain variable is gathered.
 
     Args:
         current: The variable's current value (tensor or DTensor).
         value: The value to assign.
 
     Returns:
-        A tensor that `current.copy_()` accepts.
+        A tensor that `current.copy_()` accepts, or `current` when the
+        value has already been written into it.
     """
     if not dtensor_utils.is_dtensor(current):
         return dtensor_utils.to_global(value)
@@ -170,7 +208,12 @@ def value_to_assign(current, value):
         return value.redistribute(mesh, placements)
     from torch.distributed.tensor import distribute_tensor
 
-    value = torch.as_tensor(value, device=current.device)
+    value = torch.as_tensor(value, dtype=current.dtype, device=current.device)
     if tuple(value.shape) != tuple(current.shape):
         value = value.expand(current.shape)
+    if shard_streaming.supports(mesh, placements):
+        with torch.no_grad():
+            shard_streaming.scatter_into(current, value.detach())
+        return current
+    # `distribute_tensor` broadcasts into its argument in place.
     return distribute_tensor(value.detach().clone(), mesh, placements)

@@ -42,13 +42,20 @@ def is_dtensor(x):
     return DTensor is not None and isinstance(x, DTensor)
 
 
+def is_sharded(x):
+    """Return True if `x` is a DTensor sharded over some mesh axis."""
+    return is_dtensor(x) and any(p.is_shard() for p in x.placements)
+
+
 def to_global(x):
     """Return the global value of a DTensor as a plain tensor.
 
     Partial values are reduced and shards gathered, so every rank gets the
     same full tensor. Reading `.item()` or `.numpy()` of a DTensor directly
-    would give the local piece instead. Other values pass through. Not
-    differentiable; see `replicated_local` for the differentiable form.
+    would give the local piece instead. Sharded values are gathered one
+    shard at a time into a single full tensor (`shard_streaming`). Other
+    values pass through. Not differentiable; see `replicated_local` for the
+    differentiable form.
 
     Args:
         x: Any value.
@@ -57,7 +64,11 @@ def to_global(x):
         A plain `torch.Tensor` for a DTensor, else `x` unchanged.
     """
     if is_dtensor(x):
+        from keras.src.backend.torch import shard_streaming
+
         with torch.no_grad():
+            if shard_streaming.supports(x.device_mesh, x.placements):
+                return shard_streaming.gather(x)
             return replicated_local(x)
     return x
 
