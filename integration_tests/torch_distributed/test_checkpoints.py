@@ -179,6 +179,13 @@ def test_mismatched_files_raise_on_every_rank(saved, tag):
         assert message.startswith("ValueError"), message
         assert "'hidden/kernel'" in message, message
         assert "(8, 16)" in message and "(8, 12)" in message, message
+        # Keras's `safe_mode` holds on every rank: a file with Python code
+        # loads only when the caller opts out.
+        message = str(rank_results[f"unsafe:{tag}"])
+        assert message.startswith("ValueError"), message
+        assert "safe_mode" in message, message
+        x = np.arange(16, dtype="float32").reshape(2, 8)
+        np.testing.assert_array_equal(rank_results[f"unsafe_pred:{tag}"], x * 2)
 
 
 def test_saving_on_process_0_alone(saved):

@@ -138,9 +138,26 @@ def _load_reference_files(shared, tag):
     return results
 
 
+def _unsafe_file(shared, tag):
+    """A `.keras` file holding Python code, loaded with `safe_mode`."""
+    path = os.path.join(shared, f"{tag}.lambda.keras")
+    doubling = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Lambda(lambda t: t * 2)]
+    )
+    doubling.save(path)
+    x = np.arange(16, dtype="float32").reshape(2, 8)
+    return {
+        f"unsafe:{tag}": _error_of(lambda: keras.saving.load_model(path)),
+        f"unsafe_pred:{tag}": keras.saving.load_model(
+            path, safe_mode=False
+        ).predict(x, verbose=0),
+    }
+
+
 def _bad_input(shared, tag):
     wider = _build(width=12)
     return {
+        **_unsafe_file(shared, tag),
         f"mismatch_h5:{tag}": _error_of(
             lambda: wider.load_weights(
                 os.path.join(shared, f"{tag}.weights.h5")
