@@ -114,6 +114,7 @@ def gather(x):
     local = x._local_tensor
     full = torch.empty(x.shape, dtype=x.dtype, device=local.device)
     placements = tuple(x.placements)
+    buffers = []
     for rank, coordinate, slices in _shards(x.shape, x.device_mesh, placements):
         target = full[slices]
         if target.numel() == 0 or not _holds_first_copy(coordinate, placements):
@@ -128,13 +129,22 @@ def gather(x):
             elif rank == me:
                 dist.broadcast(local[block].contiguous(), src=rank)
             else:
-                buffer = torch.empty(
-                    part.shape, dtype=x.dtype, device=local.device
-                )
+                buffer = _buffer(buffers, part, local.device)
                 dist.broadcast(buffer, src=rank)
                 part.copy_(buffer)
-                del buffer
     return full
+
+
+def _buffer(buffers, part, device):
+    """A contiguous tensor shaped like `part`, from one reused allocation.
+
+    Every block but a shard's last has the same size: reusing one buffer
+    keeps the allocator from taking (and keeping) a new one per block.
+    """
+    size = part.numel()
+    if not buffers or buffers[0].numel() < size:
+        buffers[:] = [torch.empty(size, dtype=part.dtype, device=device)]
+    return buffers[0][:size].view(part.shape)
 
 
 def scatter_into(current, value):
@@ -149,6 +159,7 @@ def scatter_into(current, value):
     me = dist.get_rank()
     source = int(mesh.mesh.flatten()[0])
     local = current._local_tensor
+    buffers = []
     for rank, _, slices in _shards(value.shape, mesh, placements):
         shard = value[slices]
         if shard.numel() == 0 or me not in (rank, source):
@@ -164,9 +175,7 @@ def scatter_into(current, value):
                 if part.is_contiguous():
                     dist.recv(part, src=source)
                 else:
-                    buffer = torch.empty(
-                        part.shape, dtype=local.dtype, device=local.device
-                    )
+                    buffer = _buffer(buffers, part, local.device)
                     dist.recv(buffer, src=source)
                     part.copy_(buffer)
             # Written behind autograd's back: what saved the old value
