@@ -1,16 +1,70 @@
-"""Bad input: a clear error on every rank, never a hang."""
+"""Bad input and failed steps: a clear error on every rank, never a hang."""
 
 from integration_tests.torch_distributed import launcher
+from integration_tests.torch_distributed import parity
+
+# Each case of `workers/bad_inputs.py` and a part of the message every rank
+# must print for it.
+BAD_INPUTS = {
+    "mesh_larger_than_world": "The DeviceMesh has 3 devices",
+    "repeated_axis_names": "which repeats ['model']",
+    "unknown_axis_in_layout": "Valid axis names: ['batch', 'model'], Got ['tp']",
+    "layout_with_more_entries": "variable 'dense/kernel' has 3 entries, "
+    "(None, 'model', None), but the variable has 2 dimension(s)",
+    "layout_with_fewer_entries": "variable 'dense/kernel' has 1 entries",
+    "batch_dim_name_not_in_mesh": "Received: batch_dim_name='data', while "
+    "the mesh's axis_names are ['batch', 'model']",
+    "malformed_device_name": "Received: device_name='cpu:one'",
+    "unknown_device_type": "Received: device_name='tpu:0'",
+    "device_named_twice": "must name every rank exactly once",
+    "initialize_with_another_world_size": "already formed with 2 "
+    "processes, but `initialize()` received num_processes=3",
+    "initialize_with_another_rank": "`initialize()` received process_id=",
+    "distribution_set_after_variables": "4 variable(s) of model "
+    "'sequential' were created before the distribution was set",
+    "ranks_build_different_shapes": "shape (variable 'dense/kernel'): "
+    "rank 0 has [4, 4], rank 1 has [4, 5]",
+    "ranks_build_different_dtypes": "dtype (variable 'dense/kernel'): "
+    "rank 0 has float32, rank 1 has float64",
+    "ranks_use_different_layouts": "layout (variable 'dense/kernel'): "
+    "rank 0 has ['S(1)'], rank 1 has ['R']",
+    "ranks_build_different_models": "rank 1: variable "
+    "'sequential/dense_2/kernel'",
+    "ranks_run_layers_in_different_orders": "gradients (by position in "
+    "the model's trainable variables): rank 0 has [3, 2, 1, 0], rank 1 "
+    "has [1, 0, 3, 2]",
+    "ranks_read_different_batch_sizes": "the same number of batches per "
+    "epoch, but they differ: rank 0 has 2, rank 1 has 4",
+    "ranks_read_different_numbers_of_batches": "the same number of "
+    "batches per epoch, but they differ: rank 0 has 2, rank 1 has 3",
+}
+# Messages that name the rank they are raised on.
+_PER_RANK = {"initialize_with_another_rank"}
 
 
-def test_mesh_larger_than_world_fails_on_every_rank(tmp_path):
-    returncode, output, _ = launcher.run_workers(
-        "bad_mesh.py", 2, tmp_path, expect_success=False, timeout=120
+def test_bad_input_fails_alike_on_every_rank(tmp_path):
+    """Every case raises on every rank, with the same message, and leaves
+    the ranks in step: the next case runs, and a last DataParallel fit
+    matches one process."""
+    _, output, results = launcher.run_workers(
+        "bad_inputs.py", 2, tmp_path, timeout=240
     )
-    assert returncode != 0
-    for rank in range(2):
-        assert f"[rank{rank}]" in output and "ValueError" in output, output
-    assert output.count("The DeviceMesh has 3 devices") >= 2, output
+    reference = launcher.run_reference("bad_inputs.py", tmp_path)
+    for case, expected in BAD_INPUTS.items():
+        messages = [str(r[f"message:{case}"]) for r in results]
+        for rank, message in enumerate(messages):
+            assert expected in message, (case, rank, message)
+            assert f"{rank}]:case {case}: ValueError: " in output, case
+        if case not in _PER_RANK:
+            assert messages[0] == messages[1], (case, messages)
+    assert not [
+        k
+        for k in results[0]
+        if k.startswith("message:") and k[len("message:") :] not in BAD_INPUTS
+    ]
+    for rank_results in results:
+        for key, value in reference.items():
+            parity.assert_close(rank_results[key], value, key)
 
 
 def test_sampler_for_another_world_fails_on_every_rank(tmp_path):
@@ -41,3 +95,27 @@ def test_layout_map_key_matching_nothing_warns_once_on_rank_0(tmp_path):
     for rank_results in results:
         assert tuple(rank_results["kernel_local"]) == (4, 8)
         assert tuple(rank_results["bias_local"]) == (4,)
+
+
+def test_step_retried_after_a_failed_backward_matches_one_process(tmp_path):
+    """A backward that raises on every rank (caught, then the step retried
+    with half the batch) leaves nothing behind that joins the retry."""
+    args = ["--init", str(tmp_path / "init.npz")]
+    env = {"KERAS_TORCH_GRADIENT_BUCKET_MB": "0.001"}
+    reference = launcher.run_reference("failed_backward.py", tmp_path, args)
+    _, output, results = launcher.run_workers(
+        "failed_backward.py", 2, tmp_path, args, env=env, timeout=180
+    )
+    for rank in range(2):
+        assert f"[default{rank}]:caught: out of memory" in output, output
+    for rank_results in results:
+        # The failure left buckets filling or reducing: the case arises.
+        filling, in_flight, _ = rank_results["left_by_failure"]
+        assert filling + in_flight > 0, rank_results["left_by_failure"]
+        # The retry dropped them, and every buffer is free again.
+        assert list(rank_results["after_retry"]) == [0, 0, 0]
+        # 4 Dense layers: 8 gradients in the first step and in the retry.
+        assert list(rank_results["reduced"]) == [8, 8]
+        for key, value in reference.items():
+            if key.startswith("weight:") or key == "losses":
+                parity.assert_close(rank_results[key], value, key)

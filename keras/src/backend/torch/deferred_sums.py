@@ -57,6 +57,7 @@ from torch.distributed.tensor import Partial
 from torch.distributed.tensor import Replicate
 
 from keras.src.backend.torch import dtensor_utils
+from keras.src.backend.torch import torch_internals
 
 # id -> (tensor, (mesh, partial axes)), in the order they were made.
 _pending = {}
@@ -136,7 +137,7 @@ def defer(x):
         local = x.to_local(grad_placements=(Replicate(),) * len(placements))
         local = _Copy.apply(local)
     else:
-        local = x._local_tensor.clone()
+        local = torch_internals.local_tensor(x).clone()
     return _register(local, (x.device_mesh, axes))
 
 

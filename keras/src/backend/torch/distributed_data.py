@@ -42,6 +42,7 @@ from torch.distributed.tensor import Shard
 from torch.distributed.tensor import distribute_tensor
 
 from keras.src import tree
+from keras.src.backend.torch import cross_rank
 from keras.src.backend.torch import dtensor_utils
 
 
@@ -95,6 +96,7 @@ def shard_batches(data_adapter, batches):
     distribution = distribution_lib.active_distribution()
     if distribution is None:
         return batches
+    _check_same_number_of_batches(data_adapter)
     per_process = not distribution.auto_shard_dataset
     sampler = _distributed_sampler(data_adapter)
     if sampler is not None:
@@ -107,6 +109,24 @@ def shard_batches(data_adapter, batches):
     # iterator draws from the global generator): the draws, and so the
     # shuffles, stay those of a single process.
     return _shard_checked(iter(batches))
+
+
+def _check_same_number_of_batches(data_adapter):
+    """Raise on every rank if the ranks' epochs have different lengths.
+
+    A rank that runs out of batches first would leave the others waiting
+    in their next step's collectives until the timeout.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    count = getattr(data_adapter, "num_batches", None)
+    cross_rank.check_same(
+        "number of batches per epoch",
+        -1 if count is None else int(count),
+        "Give every rank data of the same size (the same global dataset, "
+        "or per-rank parts with the same number of batches), the same "
+        "`batch_size` and the same `steps_per_epoch`.",
+    )
 
 
 def _shard_checked(batches):
@@ -149,10 +169,10 @@ class _RankZeroOrder:
             # `_check_same_batch`).
             yield from sampler
             return
-        seed = [int(torch.empty((), dtype=torch.int64).random_().item())]
-        dist.broadcast_object_list(seed, src=0)
+        seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        seed = cross_rank.broadcast_int(seed, src=0)
         sampler.generator = torch.Generator()
-        sampler.generator.manual_seed(seed[0])
+        sampler.generator.manual_seed(seed)
         try:
             # `RandomSampler.__iter__` reads its generator when it starts.
             indices = iter(sampler)
@@ -182,15 +202,14 @@ def _fingerprint(batch):
             continue
         digest.update(f"{tuple(leaf.shape)} {leaf.dtype}".encode())
         digest.update(data)
-    return digest.hexdigest()
+    return int.from_bytes(digest.digest(), "big") >> 1
 
 
 def _check_same_batch(batch):
     """Raise on every rank if the ranks' first batches differ."""
     mine = _fingerprint(batch)
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    differ = [rank for rank, theirs in enumerate(everyone) if theirs != mine]
+    everyone = cross_rank.all_gather_ints([mine])
+    differ = [rank for rank, theirs in enumerate(everyone) if theirs != [mine]]
     if differ:
         raise ValueError(
             "Under a distribution, every rank must read the same global "

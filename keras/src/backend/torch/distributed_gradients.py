@@ -37,6 +37,7 @@ from torch.distributed.tensor import Replicate
 
 from keras.src.backend.torch import deferred_sums
 from keras.src.backend.torch import dtensor_utils
+from keras.src.backend.torch import torch_internals
 
 # Buckets start their all-reduce once they hold this many megabytes.
 BUCKET_MB_ENV = "KERAS_TORCH_GRADIENT_BUCKET_MB"
@@ -68,7 +69,7 @@ def _reduction_key(grad):
 
 
 def _local(grad):
-    return grad._local_tensor
+    return torch_internals.local_tensor(grad)
 
 
 # Flat buffers kept from one step to the next, by bucket key and size, as
@@ -82,10 +83,7 @@ _busy = set()
 
 
 def _storage_users(tensor):
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    if use_count is None:
-        return None
-    return use_count(tensor.untyped_storage()._cdata)
+    return torch_internals.storage_users(tensor)
 
 
 def _flat_buffer(key, pieces):
@@ -126,11 +124,28 @@ class _Bucket:
         self.nbytes += _nbytes(grad)
         return self
 
+    def describe(self):
+        """What must be the same on every rank: the reduction and each
+        gradient's shape and dtype, in order."""
+        mesh, axes, ops, dtype, _ = self.key
+        return {
+            "reduction": (
+                f"{list(ops)} over mesh axes "
+                f"{[mesh.mesh_dim_names[a] for a in axes]}, {dtype}"
+            ),
+            "gradients (by position in the model's trainable variables)": [
+                _order.get(id(p), "?") for p in self.parameters
+            ],
+            "gradient shapes": [list(g.shape) for g in self.grads],
+        }
+
     def start(self, async_op, in_place=False):
         """Start the all-reduce. `in_place` reduces a bucket of one
         contiguous gradient in its own memory, which only a gradient about
         to be replaced by its reduced value may be."""
         mesh, axes, ops, _, _ = self.key
+        if _verify[0]:
+            _check_same_on_every_rank(self)
         for op in ops:
             if op not in dtensor_utils.REDUCE_OPS:
                 raise ValueError(
@@ -191,6 +206,43 @@ class _Bucket:
         return results
 
 
+# NOTE [checked buckets]: every rank must form the same buckets, in the
+# same order, or the all-reduces pair unrelated gradients (summed
+# silently when their sizes match, a hang when they do not). DDP
+# broadcasts rank 0's bucket order; here the ranks compare each bucket's
+# composition before reducing it, on the first backward pass after
+# `verify_next_buckets` (called before training starts): one small
+# collective per bucket, once.
+_verify = [False]
+_order = {}
+
+
+def verify_next_buckets(trainable_variables):
+    """Compare every bucket across ranks in the next backward pass.
+
+    Args:
+        trainable_variables: The model's trainable variables: a bucket's
+            gradients are named by their position in this list, the same
+            on every rank that runs the same model code.
+    """
+    _order.clear()
+    _order.update(
+        (id(v._value), index) for index, v in enumerate(trainable_variables)
+    )
+    _verify[0] = True
+
+
+def _check_same_on_every_rank(bucket):
+    from keras.src.backend.torch import cross_rank
+
+    cross_rank.check_same(
+        "gradient buckets",
+        bucket.describe(),
+        "The ranks' backward passes produced different gradients: every "
+        "rank must run the same model code, with the same layouts.",
+    )
+
+
 _filling = {}
 _in_flight = []
 # The backward pass (autograd graph task) whose end is awaited, if any: a
@@ -210,6 +262,8 @@ def _finish_backward():
     and hand each parameter its reduced gradient."""
     _finish_queued_for[0] = None
     _start_filling()
+    _verify[0] = False
+    _order.clear()
     sums = deferred_sums.start()  # NOTE [deferred sums].
     buckets = list(_in_flight)
     _in_flight.clear()
@@ -223,17 +277,38 @@ def _finish_backward():
         sums.finish()
 
 
+def _drop_unfinished_backward():
+    """Forget what a backward pass that raised left behind.
+
+    NOTE [failed backward]: a pass that raises (out of memory, caught by
+    the user, who retries with a smaller batch) never runs its end
+    callback: it leaves half-filled buckets and started all-reduces. The
+    next pass drops them before its first gradient, so none joins its
+    reduction. The started all-reduces are waited for, not cancelled: every
+    rank started them, and a collective must complete on every rank (when
+    backward raised on every rank alike, as the same error on the same
+    graph does). Their results, and the half-filled buckets, are discarded.
+    """
+    for bucket in _in_flight:
+        if bucket.work is not None:
+            bucket.work.wait()
+        if not bucket.in_place:
+            _busy.discard(id(bucket.flat))
+    _in_flight.clear()
+    _filling.clear()
+
+
 def _on_gradient_ready(parameter):
     grad = parameter.grad
     key = _reduction_key(grad)
     if key is None:
         return
-    task = torch._C._current_graph_task_id()
+    task = torch_internals.current_backward_id()
     if _finish_queued_for[0] != task:
+        if _finish_queued_for[0] is not None:
+            _drop_unfinished_backward()
         _finish_queued_for[0] = task
-        torch.autograd.Variable._execution_engine.queue_callback(
-            _finish_backward
-        )
+        torch_internals.run_at_end_of_backward(_finish_backward)
     if _nbytes(grad) >= _bucket_bytes():
         bucket = _Bucket(key).add(grad, parameter)
         _in_flight.append(bucket.start(async_op=True, in_place=True))

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from keras.src.backend.common import global_state
 from keras.src.backend.torch import dtensor_utils
 from keras.src.backend.torch import process_group
+from keras.src.backend.torch import torch_internals
 
 _ARRIVAL_TIMEOUT_ENV = "KERAS_TORCH_SAVE_ARRIVAL_TIMEOUT"
 _DEFAULT_ARRIVAL_TIMEOUT_SECONDS = 30
@@ -50,7 +51,7 @@ _saves_per_path = {}
 def _store():
     # The default group's store is the one torchrun's rendezvous (or
     # `initialize()`) made; every rank reaches it.
-    return dist.distributed_c10d._get_default_store()
+    return torch_internals.default_store()
 
 
 def _arrival_timeout():

@@ -40,13 +40,29 @@ def _variable_layout(variable):
         distribution = global_state.get_global_attribute("distribution")
         if distribution is None:
             return None
-        variable._layout = distribution.get_variable_layout(variable)
+        layout = distribution.get_variable_layout(variable)
+        _check_layout_rank(variable, layout)
+        variable._layout = layout
     layout = variable._layout
     device_mesh = getattr(layout, "device_mesh", None)
     if device_mesh is None or math.prod(device_mesh.shape) == 1:
         # A mesh of one device needs no DTensor: same as no distribution.
         return None
     return layout
+
+
+def _check_layout_rank(variable, layout):
+    axes = getattr(layout, "axes", None)
+    shape = variable._shape
+    if axes is None or shape is None or len(axes) == len(shape):
+        return
+    raise ValueError(
+        f"The layout of variable '{variable.path}' has {len(axes)} "
+        f"entries, {tuple(axes)}, but the variable has {len(shape)} "
+        f"dimension(s), shape {tuple(shape)}. Give the layout one entry "
+        "per dimension, `None` for a dimension that is not sharded (in "
+        "the LayoutMap, under the key that matches this path)."
+    )
 
 
 def _as_parameter(variable, value, distributed):
@@ -129,6 +145,9 @@ def parameter_from_initializer(variable, initializer, device):
         if not dtensor_layout.is_fully_replicated:
             distribution_lib._check_divisible(
                 variable._shape, dtensor_layout, name
+            )
+            distribution_lib._check_same_variable_on_every_rank(
+                variable._shape, variable._dtype, dtensor_layout, name
             )
             distribution_lib._mark_dtensors_in_use()
             mesh = dtensor_layout.device_mesh

@@ -33,6 +33,7 @@ from torch.distributed.tensor import Shard
 from torch.distributed.tensor import distribute_tensor as _torch_distribute
 
 from keras.src.backend.torch import process_group
+from keras.src.backend.torch import torch_internals
 
 # Meshes built so far, keyed by their configuration (device type, shape,
 # axis names, ranks). Never keyed by `id()`: two equal keras meshes must map
@@ -54,7 +55,7 @@ class _DropFlattenAdvice(logging.Filter):
         return "sequential all_reduce" not in record.getMessage()
 
 
-logging.getLogger("torch.distributed.tensor._redistribute").addFilter(
+logging.getLogger(torch_internals.REDISTRIBUTE_LOGGER).addFilter(
     _DropFlattenAdvice()
 )
 
@@ -241,6 +242,14 @@ def _to_backend_mesh(device_mesh):
     Returns:
         A `torch.distributed.DeviceMesh`.
     """
+    axis_names = list(device_mesh.axis_names)
+    repeated = sorted({n for n in axis_names if axis_names.count(n) > 1})
+    if repeated:
+        raise ValueError(
+            f"The axis names of a DeviceMesh must differ. Received "
+            f"axis_names={axis_names}, which repeats {repeated}. Name each "
+            "axis once, e.g. ['batch', 'model']."
+        )
     device_type, ranks = _mesh_ranks(device_mesh)
     world_size = num_processes()
     mesh_size = math.prod(device_mesh.shape)
@@ -269,6 +278,9 @@ def _to_backend_mesh(device_mesh):
     mesh = _MESH_CACHE.get(key)
     if mesh is None:
         process_group.ensure_process_group()
+        torch_internals.warn_if_untested_torch(dist.get_rank())
+        if device_type == "gpu":
+            process_group.use_local_cuda_device()
         kept = _kept_axes(device_mesh)
         mesh = TorchDeviceMesh(
             "cuda" if device_type == "gpu" else "cpu",
@@ -437,12 +449,40 @@ def distribute_variable(value, layout):
 def _distribute_variable(value, layout, name):
     layout = _as_dtensor_layout(layout)
     _check_divisible(value.shape, layout, name)
+    _check_same_variable_on_every_rank(value.shape, value.dtype, layout, name)
     _mark_dtensors_in_use()
     # `distribute_tensor` writes rank 0's data into the local tensor, which
     # aliases its input: clone, or the caller's tensor changes on other
     # ranks.
     return _torch_distribute(
         value.detach().clone(), layout.device_mesh, layout.placements
+    )
+
+
+def _check_same_variable_on_every_rank(shape, dtype, layout, name):
+    """Raise on every rank if the ranks create different variables.
+
+    The broadcast or scatter that follows would not notice: gloo copies
+    what fits, so ranks that build different shapes (model code that
+    depends on the rank) would go on with different values. One integer
+    per rank is exchanged.
+    """
+    if not process_group.is_multi_process():
+        return
+    from keras.src.backend.torch import cross_rank
+
+    value = {
+        "shape": list(shape),
+        "dtype": str(dtype).replace("torch.", ""),
+        "layout": [str(p) for p in layout.placements],
+    }
+    cross_rank.check_same(
+        "variables, created in the same order",
+        value,
+        "Every rank must build the same model, with the same distribution "
+        "and LayoutMap; look for model code that depends on the rank or "
+        "on the host.",
+        labels={key: name for key in value},
     )
 
 

@@ -117,6 +117,7 @@ from keras.src.backend.torch import deferred_sums
 from keras.src.backend.torch import dtensor_rules
 from keras.src.backend.torch import dtensor_strategies
 from keras.src.backend.torch import dtensor_utils
+from keras.src.backend.torch import torch_internals
 
 # Calls that run backward: never retried replicated (NOTE [uneven
 # gradients]).
@@ -433,16 +434,12 @@ def _dtensor_torch_function(cls, func, types, args=(), kwargs=None):
     do: the calls it makes (promotion, rules, the op itself) do not come
     back here.
     """
-    if not _get_implicit_replication():
+    if not torch_internals.get_implicit_replication():
         # Per thread; set on every thread that meets a DTensor, before its
         # first op (NOTE [made in C++]).
-        _set_implicit_replication(True)
-    with torch._C.DisableTorchFunctionSubclass():
+        torch_internals.set_implicit_replication(True)
+    with torch_internals.torch_function_subclasses_disabled():
         return _dispatch(func, args, kwargs or {})
-
-
-_get_implicit_replication = torch._C._get_dtensor_allow_implicit_replication
-_set_implicit_replication = torch._C._set_dtensor_allow_implicit_replication
 
 
 # DTensor's own `__torch_function__`: disabled, straight to dispatch.
@@ -510,13 +507,13 @@ def _remove_mode(mode):
     """Take `mode` off this thread's torch function mode stack, wherever
     it is: a mode entered in the block and left open stays."""
     above = []
-    while torch._C._len_torch_function_stack():
-        top = torch._C._pop_torch_function_stack()
+    while torch_internals.torch_function_stack_size():
+        top = torch_internals.pop_torch_function_mode()
         if top is mode:
             break
         above.append(top)
     for top in reversed(above):
-        torch._C._push_on_torch_function_stack(top)
+        torch_internals.push_torch_function_mode(top)
 
 
 @contextlib.contextmanager
@@ -535,7 +532,7 @@ def deferring_sums(enabled=True):
         return
     mode = _PendingSumsMode()
     with deferred_sums.deferring():
-        torch._C._push_on_torch_function_stack(mode)
+        torch_internals.push_torch_function_mode(mode)
         try:
             yield
             deferred_sums.flush()

@@ -48,9 +48,9 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Partial
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor import Shard
-from torch.distributed.tensor import _sharding_prop
 
 from keras.src.backend.torch import dtensor_utils
+from keras.src.backend.torch import torch_internals
 
 _logger = logging.getLogger(__name__)
 # What a rule returns for a call it leaves to the usual path (DTensor,
@@ -319,11 +319,8 @@ def is_missing_rule(error):
     the error DTensor wraps it in."""
     while error is not None:
         if isinstance(error, NotImplementedError):
-            tb = error.__traceback__
-            while tb is not None and tb.tb_next is not None:
-                tb = tb.tb_next
-            if tb is not None and tb.tb_frame.f_code.co_filename == (
-                _sharding_prop.__file__
+            if torch_internals.raised_by_sharding_propagation(
+                error.__traceback__
             ):
                 return True
         error = error.__cause__

@@ -30,10 +30,11 @@ fall back to gathering.
 """
 
 import torch
-from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor import Shard
 from torch.distributed.tensor.experimental import register_sharding
+
+from keras.src.backend.torch import torch_internals
 
 aten = torch.ops.aten
 
@@ -117,7 +118,7 @@ _registered = False
 
 
 def _has_strategy(op):
-    propagator = DTensor._op_dispatcher.sharding_propagator
+    propagator = torch_internals.sharding_propagator()
     tables = (
         "op_to_rules",
         "op_strategy_funcs",

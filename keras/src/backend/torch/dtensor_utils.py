@@ -6,13 +6,13 @@ time without a cycle.
 
 import torch
 
+from keras.src.backend.torch import torch_internals
+
 try:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor import Partial
     from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor._dtensor_spec import DTensorSpec
-    from torch.distributed.tensor._dtensor_spec import TensorMeta
 
     # `Partial` reductions as `torch.distributed` ops ("avg": a sum, then
     # divided by the number of shards).
@@ -122,12 +122,9 @@ def from_local(local, device_mesh, placements, shape=None):
             shape=shape,
             stride=None if shape is None else stride,
         )
-    spec = DTensorSpec(
-        device_mesh,
-        placements,
-        tensor_meta=TensorMeta(shape, tuple(stride), local.dtype),
+    return torch_internals.dtensor_without_autograd(
+        local, device_mesh, placements, shape, stride
     )
-    return DTensor(local, spec, requires_grad=False)
 
 
 def _all_reduce(local, device_mesh, placements):
@@ -184,7 +181,7 @@ def replicated_local(x):
         placements = replicate
     partial = placements != replicate
     if not (x.requires_grad and torch.is_grad_enabled()):
-        local = x._local_tensor
+        local = torch_internals.local_tensor(x)
         if partial:
             local = _all_reduce(local.clone(), x.device_mesh, placements)
         return local

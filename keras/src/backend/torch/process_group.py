@@ -120,10 +120,7 @@ def initialize(job_addresses=None, num_processes=None, process_id=None):
         )
     backend = _backend()
     if backend == "nccl":
-        local_rank = int(
-            os.environ.get("LOCAL_RANK", process_id % torch.cuda.device_count())
-        )
-        torch.cuda.set_device(local_rank)
+        use_local_cuda_device(process_id)
     store = None
     if init_method == "env://" and _restarted_by_torchrun():
         store = _store_of_this_attempt(num_processes)
@@ -144,6 +141,30 @@ def initialize(job_addresses=None, num_processes=None, process_id=None):
         ) from error
     _register_teardown()
     _agree_on_random_seed()
+
+
+def use_local_cuda_device(rank=None):
+    """Make this process's current CUDA device its own, once.
+
+    The device is `LOCAL_RANK`'s (set by torchrun, and by most launchers),
+    else the rank modulo the host's device count: ranks are laid out host
+    by host. It runs whoever formed the world (torchrun, `initialize()`, or
+    the user's own `init_process_group`), before the first mesh is made, so
+    that NCCL and the variables use one device per process rather than
+    every process using device 0.
+
+    Args:
+        rank: This process's rank; defaults to the formed world's.
+    """
+    if _state.get("cuda_device_set") or not torch.cuda.is_available():
+        return
+    _state["cuda_device_set"] = True
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is None:
+        if rank is None:
+            rank = dist.get_rank() if is_initialized() else 0
+        local_rank = rank % torch.cuda.device_count()
+    torch.cuda.set_device(int(local_rank))
 
 
 def _restarted_by_torchrun():
@@ -196,9 +217,10 @@ def _agree_on_random_seed():
     """
     if rng_utils.get_random_seed() is not None:
         return
-    seed = [int.from_bytes(os.urandom(4), "little") >> 1]
-    dist.broadcast_object_list(seed, src=0)
-    rng_utils.set_random_seed(seed[0])
+    from keras.src.backend.torch import cross_rank
+
+    seed = int.from_bytes(os.urandom(4), "little") >> 1
+    rng_utils.set_random_seed(cross_rank.broadcast_int(seed, src=0))
 
 
 def _register_teardown():

@@ -35,14 +35,13 @@ import itertools
 
 import torch
 
+from keras.src.backend.torch import torch_internals
+
 try:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor import Shard
-    from torch.distributed.tensor._utils import (
-        _compute_local_shape_and_global_offset,
-    )
 except ImportError:  # torch built without distributed support.
     DTensor = None
 
@@ -65,8 +64,8 @@ def _shards(global_shape, mesh, placements):
     """`(rank, coordinate, slices)` for every rank of `mesh`, in order."""
     ranks = mesh.mesh
     for coordinate in itertools.product(*(range(n) for n in ranks.shape)):
-        shape, offset = _compute_local_shape_and_global_offset(
-            global_shape, tuple(ranks.shape), list(coordinate), placements
+        shape, offset = torch_internals.local_shape_and_offset(
+            global_shape, ranks.shape, coordinate, placements
         )
         slices = tuple(
             slice(start, start + size) for start, size in zip(offset, shape)
@@ -111,7 +110,7 @@ def gather(x):
         A plain tensor of `x`'s global shape, the same on every rank.
     """
     me = dist.get_rank()
-    local = x._local_tensor
+    local = torch_internals.local_tensor(x)
     full = torch.empty(x.shape, dtype=x.dtype, device=local.device)
     placements = tuple(x.placements)
     buffers = []
@@ -158,7 +157,7 @@ def scatter_into(current, value):
     mesh, placements = current.device_mesh, tuple(current.placements)
     me = dist.get_rank()
     source = int(mesh.mesh.flatten()[0])
-    local = current._local_tensor
+    local = torch_internals.local_tensor(current)
     buffers = []
     for rank, _, slices in _shards(value.shape, mesh, placements):
         shard = value[slices]

@@ -1,0 +1,179 @@
+"""Every private PyTorch API the torch distribution code relies on.
+
+The distribution code uses a few of PyTorch's internals where no public API
+does the job: a DTensor's local tensor without autograd, a DTensor built
+from a spec without a collective, the shard a rank holds of a layout, the
+autograd engine's end-of-backward callback, the torch function mode stack,
+DTensor's sharding propagator and the default group's store. They can
+change in any PyTorch release, so they are all here, each behind a function
+whose name says what it does: a new torch version is checked against this
+one file, and `warn_if_untested_torch` tells rank 0's user when the
+installed torch is not one the suite ran on.
+
+This module imports nothing from Keras, so `core.py` (through
+`dtensor_utils`) can use it at import time without a cycle.
+"""
+
+import warnings
+
+import torch
+
+try:
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import _sharding_prop
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec
+    from torch.distributed.tensor._dtensor_spec import TensorMeta
+    from torch.distributed.tensor._utils import (
+        _compute_local_shape_and_global_offset,
+    )
+except ImportError:  # torch built without distributed support.
+    DTensor = None
+
+# The torch versions the whole suite ran on (only 2.13.0 is installable on
+# the machines the suite runs on).
+TESTED_TORCH_VERSIONS = ("2.13.0",)
+
+# The logger DTensor's redistribution logs its advice to flatten mesh
+# axes on.
+REDISTRIBUTE_LOGGER = "torch.distributed.tensor._redistribute"
+
+_warned = [False]
+
+
+def torch_release(version=None):
+    """`"2.13.0"` for `"2.13.0+cpu"` or `"2.13.0a0+git..."`."""
+    version = version or torch.__version__
+    release = version.split("+")[0]
+    for marker in ("a", "b", "rc", ".dev"):
+        release = release.split(marker)[0]
+    return release
+
+
+def warn_if_untested_torch(rank):
+    """Warn once, on rank 0, when the installed torch was never tested.
+
+    Args:
+        rank: This process's rank.
+    """
+    if _warned[0] or rank != 0:
+        return
+    _warned[0] = True
+    if torch_release() in TESTED_TORCH_VERSIONS:
+        return
+    warnings.warn(
+        f"keras.distribution on the torch backend was tested with torch "
+        f"{', '.join(TESTED_TORCH_VERSIONS)}, but torch {torch.__version__} "
+        "is installed. It relies on some of torch's private DTensor and "
+        "autograd internals, which may have changed: if training fails or "
+        "ranks disagree, install a tested version "
+        f"(`pip install torch=={TESTED_TORCH_VERSIONS[-1]}`).",
+        stacklevel=2,
+    )
+
+
+# DTensors.
+
+
+def local_tensor(x):
+    """A DTensor's local tensor, outside autograd (no `to_local` node)."""
+    return x._local_tensor
+
+
+def dtensor_without_autograd(local, device_mesh, placements, shape, stride):
+    """A DTensor over `local` with the given global shape and stride.
+
+    Unlike `DTensor.from_local`, it records no autograd node and runs no
+    check: the caller knows the layout is right.
+    """
+    spec = DTensorSpec(
+        device_mesh,
+        tuple(placements),
+        tensor_meta=TensorMeta(torch.Size(shape), tuple(stride), local.dtype),
+    )
+    return DTensor(local, spec, requires_grad=False)
+
+
+def local_shape_and_offset(global_shape, mesh_shape, coordinate, placements):
+    """The shape and global offset of the shard at a mesh coordinate."""
+    return _compute_local_shape_and_global_offset(
+        global_shape, tuple(mesh_shape), list(coordinate), placements
+    )
+
+
+def sharding_propagator():
+    """DTensor's sharding propagator: the tables of op strategies."""
+    return DTensor._op_dispatcher.sharding_propagator
+
+
+def raised_by_sharding_propagation(traceback):
+    """Whether the innermost frame of `traceback` is DTensor's sharding
+    propagation (where "no strategy for this op" is raised)."""
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback is not None and (
+        traceback.tb_frame.f_code.co_filename == _sharding_prop.__file__
+    )
+
+
+def get_implicit_replication():
+    """Whether DTensor ops take plain tensors as replicated (per thread)."""
+    return torch._C._get_dtensor_allow_implicit_replication()
+
+
+def set_implicit_replication(enabled):
+    """Let DTensor ops take plain tensors as replicated (per thread)."""
+    torch._C._set_dtensor_allow_implicit_replication(enabled)
+
+
+# Torch function modes.
+
+
+def torch_function_subclasses_disabled():
+    """A context in which tensor subclasses' `__torch_function__` is off."""
+    return torch._C.DisableTorchFunctionSubclass()
+
+
+def torch_function_stack_size():
+    return torch._C._len_torch_function_stack()
+
+
+def pop_torch_function_mode():
+    return torch._C._pop_torch_function_stack()
+
+
+def push_torch_function_mode(mode):
+    torch._C._push_on_torch_function_stack(mode)
+
+
+# Autograd.
+
+
+def current_backward_id():
+    """An id of the backward pass running on this thread (-1 outside)."""
+    return torch._C._current_graph_task_id()
+
+
+def run_at_end_of_backward(callback):
+    """Have the autograd engine call `callback` when this backward ends.
+
+    Must be called from inside a backward pass (e.g. a gradient hook).
+    """
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
+def storage_users(tensor):
+    """How many tensors share `tensor`'s storage, or None if unknown."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return None
+    return use_count(tensor.untyped_storage()._cdata)
+
+
+# Processes.
+
+
+def default_store():
+    """The store of the default process group (torchrun's rendezvous or
+    `init_process_group`'s): every rank reaches it."""
+    return dist.distributed_c10d._get_default_store()
