@@ -49,6 +49,7 @@ def test_bad_input_fails_alike_on_every_rank(tmp_path):
     _, output, results = launcher.run_workers(
         "bad_inputs.py", 2, tmp_path, timeout=240
     )
+    assert not launcher.leftover_processes(tmp_path / "bad_inputs-2")
     reference = launcher.run_reference("bad_inputs.py", tmp_path)
     for case, expected in BAD_INPUTS.items():
         messages = [str(r[f"message:{case}"]) for r in results]
@@ -106,6 +107,7 @@ def test_step_retried_after_a_failed_backward_matches_one_process(tmp_path):
     _, output, results = launcher.run_workers(
         "failed_backward.py", 2, tmp_path, args, env=env, timeout=180
     )
+    assert not launcher.leftover_processes(tmp_path / "failed_backward-2")
     for rank in range(2):
         assert f"[default{rank}]:caught: out of memory" in output, output
     for rank_results in results:

@@ -38,6 +38,12 @@ DUMP = {"FAULTS_DUMP_AFTER": "60"}
 # Connection reset by peer. This is typically caused by a remote worker
 # hanging or bugs in the application."
 PEER_CLOSED = "by peer"
+# What keras adds to a failed collective's traceback.
+HINT = (
+    "keras.distribution: rank 0 failed in a collective operation that "
+    "another rank did not complete"
+)
+HINT_TIMEOUT = "KERAS_TORCH_DISTRIBUTED_TIMEOUT={timeout} seconds"
 PEER_BLAMED = "This is typically caused by a remote worker"
 # gloo's two forms of a collective's timeout, both seen from run to run
 # (the second in 4 of 5 runs here).
@@ -124,6 +130,8 @@ def test_killed_rank_ends_run_launched_by_hand(tmp_path):
     assert seconds < TIMEOUT, (seconds, launch.report())
     error = _error(survivor.output, 0)
     assert PEER_CLOSED in error and PEER_BLAMED in error, error
+    assert HINT in survivor.output, survivor.output
+    assert HINT_TIMEOUT.format(timeout=TIMEOUT) in survivor.output
     assert not launch.left, launch.left
 
 
@@ -147,6 +155,8 @@ def test_stuck_rank_times_out_run_launched_by_hand(tmp_path):
     assert TIMEOUT - 1 <= seconds < TIMEOUT + 30, (seconds, launch.report())
     error = _error(survivor.output, 0)
     assert any(text in error for text in TIMED_OUT), error
+    assert HINT in survivor.output, survivor.output
+    assert HINT_TIMEOUT.format(timeout=TIMEOUT) in survivor.output
     # Rank 1 was still asleep, and was killed by the launcher.
     assert stuck.ended is None and stuck.returncode == -9, launch.report()
     assert len(launch.left) == 1, launch.left

@@ -229,12 +229,53 @@ def _register_teardown():
     _state["teardown_registered"] = True
     previous_hook = sys.excepthook
 
-    def note_failure(*args):
+    def note_failure(error_type, error, traceback):
         _state["failed"] = True
-        previous_hook(*args)
+        previous_hook(error_type, error, traceback)
+        hint = collective_failure_hint(error)
+        if hint:
+            print(hint, file=sys.stderr, flush=True)
 
     sys.excepthook = note_failure
     atexit.register(_teardown)
+
+
+# How gloo, NCCL and the c10d store say that a peer died or a collective
+# timed out.
+_COLLECTIVE_FAILURES = (
+    "by peer",
+    "Application timeout caused pair closure",
+    "Timed out waiting",
+    "collective operation timeout",
+    "DistNetworkError",
+    "Connection was likely closed",
+    "NCCL communicator was aborted",
+)
+
+
+def collective_failure_hint(error):
+    """What to tell the user when `error` is a failed collective.
+
+    Args:
+        error: The exception that ends the process.
+
+    Returns:
+        A message naming this rank, the likely cause and the timeout
+        setting, or None when `error` is not a collective's failure.
+    """
+    text = f"{type(error).__name__}: {error}"
+    if not any(marker in text for marker in _COLLECTIVE_FAILURES):
+        return None
+    rank = dist.get_rank() if is_initialized() else "?"
+    return (
+        f"keras.distribution: rank {rank} failed in a collective operation "
+        "that another rank did not complete: that rank most likely died or "
+        "is stuck (look for the first error in the other ranks' logs; "
+        "under torchrun, in its failure summary). A collective that does "
+        f"not complete fails after {_TIMEOUT_ENV}="
+        f"{_timeout().total_seconds():g} seconds (default "
+        f"{_DEFAULT_TIMEOUT_SECONDS})."
+    )
 
 
 def _teardown():
