@@ -8,7 +8,8 @@ from integration_tests.torch_distributed import parity
 BAD_INPUTS = {
     "mesh_larger_than_world": "The DeviceMesh has 3 devices",
     "repeated_axis_names": "which repeats ['model']",
-    "unknown_axis_in_layout": "Valid axis names: ['batch', 'model'], Got ['tp']",
+    "unknown_axis_in_layout": "Valid axis names: ['batch', 'model'], "
+    "Got ['tp']",
     "layout_with_more_entries": "variable 'dense/kernel' has 3 entries, "
     "(None, 'model', None), but the variable has 2 dimension(s)",
     "layout_with_fewer_entries": "variable 'dense/kernel' has 1 entries",
@@ -20,7 +21,7 @@ BAD_INPUTS = {
     "initialize_with_another_world_size": "already formed with 2 "
     "processes, but `initialize()` received num_processes=3",
     "initialize_with_another_rank": "`initialize()` received process_id=",
-    "distribution_set_after_variables": "4 variable(s) of model "
+    "distribution_set_after_variables": "4 trainable variable(s) of model "
     "'sequential' were created before the distribution was set",
     "ranks_build_different_shapes": "shape (variable 'dense/kernel'): "
     "rank 0 has [4, 4], rank 1 has [4, 5]",

@@ -125,8 +125,8 @@ class _Bucket:
         return self
 
     def describe(self):
-        """What must be the same on every rank: the reduction and each
-        gradient's shape and dtype, in order."""
+        """What must be the same on every rank: the reduction, and each
+        gradient's variable (by position) and shape, in order."""
         mesh, axes, ops, dtype, _ = self.key
         return {
             "reduction": (

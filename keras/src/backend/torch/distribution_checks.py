@@ -6,13 +6,17 @@ Everything it finds would otherwise show later as a hang or as ranks that
 silently diverge, so it raises (or warns) before the first step's
 collectives, with the same message on every rank:
 
-- every variable of the model must have been created under the
+- every trainable variable of the model must have been created under the
   distribution: one created before `set_distribution` is a plain tensor
-  that each rank trains on its own;
+  whose gradient is never reduced, so each rank trains its own copy
+  (variables that need no gradient, such as a seed generator's state made
+  in a layer's constructor, are assigned global values and may stay
+  plain);
 - a `LayoutMap` key that matches no variable is reported
   (`layout_map_checks`);
-- before training, the ranks must agree on the model's variables (paths,
-  shapes, dtypes, layouts, in creation order): different model code,
+- before training, the ranks must agree on the model's variables (their
+  shapes, dtypes and layouts, in the model's order; paths are shown but
+  not compared, as a name counter may differ by rank): different model code,
   layouts or dtypes on different ranks would pair unrelated gradients in
   the reductions. One integer per rank is exchanged when they agree
   (`cross_rank.check_same`); and the first backward pass then compares
@@ -41,13 +45,14 @@ def _shown(paths):
 def _check_created_under_distribution(model):
     # A variable created under a distribution has its layout set, even
     # where it stays a plain tensor (NOTE [plain scalars]).
-    early = [v.path for v in model.variables if v._layout is None]
+    early = [v.path for v in model.trainable_variables if v._layout is None]
     if early:
         raise ValueError(
-            f"{len(early)} variable(s) of model {model.name!r} were "
-            f"created before the distribution was set: {_shown(early)}. "
-            "They are plain tensors, not distributed, so each process "
-            "would train its own copy. Call "
+            f"{len(early)} trainable variable(s) of model {model.name!r} "
+            f"were created before the distribution was set: "
+            f"{_shown(early)}. They are plain tensors, not distributed, "
+            "so their gradients are not reduced and each process would "
+            "train its own copy. Call "
             "`keras.distribution.set_distribution(...)` before building "
             "the model (or build it inside `distribution.scope()`), then "
             "load its weights if it was trained already."
@@ -63,8 +68,8 @@ def _layout_of(variable):
 
 
 def _variables_description(model):
-    """Each variable's shape, dtype and layout, by its creation index, and
-    its path as the label: paths may differ between ranks that build the
+    """Each variable's shape, dtype and layout, by its index in the model,
+    and its path as the label: paths may differ between ranks that build the
     same model (a name counter advanced on one rank only)."""
     variables = list(model.variables)
     value = [
@@ -80,7 +85,7 @@ def _check_ranks_agree(model):
 
     value, labels = _variables_description(model)
     cross_rank.check_same(
-        f"variables in model {model.name!r} (numbered in creation order; "
+        f"variables in model {model.name!r} (numbered in the model's order; "
         "shape, dtype, layout)",
         value,
         "Every rank must run the same model code with the same "
