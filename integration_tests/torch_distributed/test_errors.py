@@ -92,11 +92,35 @@ def test_layout_map_key_matching_nothing_warns_once_on_rank_0(tmp_path):
     assert "'dense.*kernel'" in warned[0], output
     assert "'sequential/dense/kernel'" in warned[0], output
     assert "'.*dense.*kernel'" in warned[0], output
-    assert "'.*dense.*bias'" not in output, output
+    assert "'.*dense.*bias'" not in warned[0], output
     # What the warning says: the kernels stayed whole, the biases sharded.
     for rank_results in results:
         assert tuple(rank_results["kernel_local"]) == (4, 8)
         assert tuple(rank_results["bias_local"]) == (4,)
+    # The summary shows it too, the same on every rank, printed on rank 0.
+    summary = str(results[0]["summary"])
+    assert str(results[1]["summary"]) == summary
+    lines = summary.splitlines()
+    assert "ModelParallel over a mesh of shape (1, 2)" in lines[1], summary
+    assert "  'dense.*kernel': matches no variable (nothing sharded)" in lines
+    assert (
+        "  '.*dense.*bias': 2 variable(s): sequential/dense/bias, "
+        "sequential/dense_1/bias" in lines
+    ), summary
+    rows = {line.split()[0]: line.split()[1:] for line in lines if "/" in line}
+    kernel = ["(4,", "8)", "replicated", "(4,", "8)", "128", "B"]
+    assert rows["sequential/dense/kernel"] == kernel, rows
+    bias = ["(8,)", "(model)", "(4,)", "16", "B"]
+    assert rows["sequential/dense/bias"] == bias, rows
+    # Kernels whole (48 floats), biases halved (5 of 10 floats).
+    assert "Parameters: 212 B per process (91% of the 232 B" in summary
+    for rank in range(2):
+        printed = [
+            line
+            for line in output.splitlines()
+            if line.startswith(f"[default{rank}]:Sharding of model")
+        ]
+        assert len(printed) == (1 if rank == 0 else 0), output
 
 
 def test_step_retried_after_a_failed_backward_matches_one_process(tmp_path):

@@ -4,6 +4,7 @@ A Sequential model's paths are `sequential/dense/kernel`, so the key
 `dense.*kernel` matches none of them and its kernels stay replicated,
 while `.*dense.*bias` shards the biases. `fit`, `evaluate` and `predict`
 each make a function; the unmatched key must be reported once in all.
+`keras.distribution.sharding_summary` then shows what each key matched.
 """
 
 import warnings
@@ -41,12 +42,15 @@ def main():
     ]
     for message in messages:
         print("warned:", message, flush=True)
+    # Printed on rank 0 by default; returned on every rank.
+    summary = keras.distribution.sharding_summary(model)
     kernel = model.layers[0].kernel.value
     bias = model.layers[0].bias.value
     common.save_results(
         warnings=np.array(len(messages)),
         kernel_local=np.array(tuple(kernel.to_local().shape)),
         bias_local=np.array(tuple(bias.to_local().shape)),
+        summary=np.array(summary),
     )
 
 

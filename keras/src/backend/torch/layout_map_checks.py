@@ -15,24 +15,20 @@ many models and calls see it. The check reads only local state (every rank
 holds the same map and variable paths), so it takes no collective.
 """
 
-import re
 import warnings
 
 from keras.src.backend.torch import distribution_lib
+from keras.src.distribution.sharding_summary import key_matches
 
 # How many of the model's variable paths a warning lists.
 _PATHS_SHOWN = 5
-
-
-def _matches(key, path):
-    return key == path or re.fullmatch(key, path) is not None
 
 
 def _unmatched_keys(layout_map, paths):
     return [
         key
         for key in layout_map.keys()
-        if not any(_matches(key, path) for path in paths)
+        if not any(key_matches(key, path) for path in paths)
     ]
 
 
