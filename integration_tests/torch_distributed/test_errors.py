@@ -115,12 +115,15 @@ def test_layout_map_key_matching_nothing_warns_once_on_rank_0(tmp_path):
     # Kernels whole (48 floats), biases halved (5 of 10 floats).
     assert "Parameters: 212 B per process (91% of the 232 B" in summary
     for rank in range(2):
-        printed = [
-            line
-            for line in output.splitlines()
-            if line.startswith(f"[default{rank}]:Sharding of model")
-        ]
-        assert len(printed) == (1 if rank == 0 else 0), output
+        for title in ("Sharding of model", 'Model: "sequential"'):
+            printed = [
+                line
+                for line in output.splitlines()
+                if line.startswith(f"[default{rank}]:{title}")
+            ]
+            assert len(printed) == (1 if rank == 0 else 0), (title, output)
+        formatted = str(results[rank]["formatted_warning"])
+        assert formatted.startswith(f"[process {rank}] f.py:1: "), formatted
 
 
 def test_step_retried_after_a_failed_backward_matches_one_process(tmp_path):

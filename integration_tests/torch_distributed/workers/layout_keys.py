@@ -4,7 +4,8 @@ A Sequential model's paths are `sequential/dense/kernel`, so the key
 `dense.*kernel` matches none of them and its kernels stay replicated,
 while `.*dense.*bias` shards the biases. `fit`, `evaluate` and `predict`
 each make a function; the unmatched key must be reported once in all.
-`keras.distribution.sharding_summary` then shows what each key matched.
+`keras.distribution.sharding_summary` then shows what each key matched;
+`model.summary()` prints on rank 0 only, and warnings name their process.
 """
 
 import warnings
@@ -44,6 +45,8 @@ def main():
         print("warned:", message, flush=True)
     # Printed on rank 0 by default; returned on every rank.
     summary = keras.distribution.sharding_summary(model)
+    model.summary()  # Printed on rank 0 only.
+    formatted = warnings.formatwarning("probe", UserWarning, "f.py", 1)
     kernel = model.layers[0].kernel.value
     bias = model.layers[0].bias.value
     common.save_results(
@@ -51,6 +54,7 @@ def main():
         kernel_local=np.array(tuple(kernel.to_local().shape)),
         bias_local=np.array(tuple(bias.to_local().shape)),
         summary=np.array(summary),
+        formatted_warning=np.array(formatted),
     )
 
 

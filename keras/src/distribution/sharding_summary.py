@@ -20,6 +20,7 @@ import numpy as np
 
 from keras.src.api_export import keras_export
 from keras.src.backend.common import global_state
+from keras.src.distribution import process_output
 
 # How many variable paths are listed under each LayoutMap key.
 _PATHS_PER_KEY = 3
@@ -81,14 +82,6 @@ def _size(nbytes):
         nbytes /= 1024
         if nbytes < 1024 or unit == "GB":
             return f"{nbytes:.1f} {unit}"
-
-
-def _process_id():
-    from keras.src.backend import distribution_lib
-
-    if distribution_lib is None or not hasattr(distribution_lib, "process_id"):
-        return 0
-    return distribution_lib.process_id()
 
 
 def _rows(variables):
@@ -190,7 +183,7 @@ def sharding_summary(model, print_fn=None):
         lines.append(_totals("Optimizer state", _rows(optimizer.variables)))
     text = "\n".join(lines)
     if print_fn is None:
-        if _process_id() == 0:
+        if process_output.process_id() == 0:
             print(text)
     else:
         print_fn(text)

@@ -278,6 +278,7 @@ def _to_backend_mesh(device_mesh):
     mesh = _MESH_CACHE.get(key)
     if mesh is None:
         process_group.ensure_process_group()
+        process_group.name_process_in_warnings()
         torch_internals.warn_if_untested_torch(dist.get_rank())
         if device_type == "gpu":
             process_group.use_local_cuda_device()

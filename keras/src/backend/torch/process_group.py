@@ -12,6 +12,7 @@ import atexit
 import datetime
 import os
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -140,6 +141,7 @@ def initialize(job_addresses=None, num_processes=None, process_id=None):
             f"backend {backend}): {error}"
         ) from error
     _register_teardown()
+    name_process_in_warnings()
     _agree_on_random_seed()
 
 
@@ -165,6 +167,25 @@ def use_local_cuda_device(rank=None):
             rank = dist.get_rank() if is_initialized() else 0
         local_rank = rank % torch.cuda.device_count()
     torch.cuda.set_device(int(local_rank))
+
+
+def name_process_in_warnings():
+    """Begin every warning this process prints with `[process N] `.
+
+    Every rank runs the same script, so without it the same warning
+    appears once per rank with nothing saying whose it is. Idempotent;
+    nothing changes in a world of one process.
+    """
+    original = warnings.formatwarning
+    if getattr(original, "names_process", False) or not is_multi_process():
+        return
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        text = original(message, category, filename, lineno, line)
+        return f"[process {dist.get_rank()}] {text}"
+
+    formatwarning.names_process = True
+    warnings.formatwarning = formatwarning
 
 
 def _restarted_by_torchrun():
