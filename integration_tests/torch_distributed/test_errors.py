@@ -12,7 +12,6 @@ BAD_INPUTS = {
     "Got ['tp']",
     "layout_with_more_entries": "variable 'dense/kernel' has 3 entries, "
     "(None, 'model', None), but the variable has 2 dimension(s)",
-    "layout_with_fewer_entries": "variable 'dense/kernel' has 1 entries",
     "batch_dim_name_not_in_mesh": "Received: batch_dim_name='data', while "
     "the mesh's axis_names are ['batch', 'model']",
     "malformed_device_name": "Received: device_name='cpu:one'",

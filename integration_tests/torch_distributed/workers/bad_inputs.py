@@ -82,11 +82,6 @@ def layout_with_more_entries():
     _build_dense()
 
 
-def layout_with_fewer_entries():
-    keras.distribution.set_distribution(_model_parallel(kernel=("model",)))
-    _build_dense()
-
-
 def batch_dim_name_not_in_mesh():
     keras.distribution.set_distribution(_model_parallel(batch_dim_name="data"))
     _train(_mlp())
@@ -195,7 +190,6 @@ CASES = [
     repeated_axis_names,
     unknown_axis_in_layout,
     layout_with_more_entries,
-    layout_with_fewer_entries,
     batch_dim_name_not_in_mesh,
     malformed_device_name,
     unknown_device_type,

@@ -6,7 +6,8 @@ from another process runs whatever that process chose. The distribution
 code exchanges only integers and text (JSON), as plain tensors, so a rank
 never unpickles anything another rank sent. (torch's own code, e.g.
 `torch.distributed.checkpoint`'s planning, still uses its object
-collectives; see the README's security section.)
+collectives; see the guide's security section,
+`docs/distributed_training_torch.md`.)
 
 `check_same` is how ranks detect that they disagree (different model code,
 layouts, shapes, batch sizes): every rank sends a short digest, and only

@@ -134,7 +134,7 @@ class _Bucket:
                 f"{[mesh.mesh_dim_names[a] for a in axes]}, {dtype}"
             ),
             "gradients (by position in the model's trainable variables)": [
-                _order.get(id(p), "?") for p in self.parameters
+                _order.get(id(p), ("?",))[0] for p in self.parameters
             ],
             "gradient shapes": [list(g.shape) for g in self.grads],
         }
@@ -226,8 +226,11 @@ def verify_next_buckets(trainable_variables):
             on every rank that runs the same model code.
     """
     _order.clear()
+    # Keyed by id, with the parameter kept alive beside its position: a
+    # freed parameter's id may be reused by a new one on one rank only.
     _order.update(
-        (id(v._value), index) for index, v in enumerate(trainable_variables)
+        (id(v._value), (index, v._value))
+        for index, v in enumerate(trainable_variables)
     )
     _verify[0] = True
 

@@ -52,16 +52,21 @@ def _variable_layout(variable):
 
 
 def _check_layout_rank(variable, layout):
+    """Raise if `layout` names more dimensions than the variable has.
+
+    A layout with fewer entries leaves the last dimensions unsharded, as a
+    JAX `PartitionSpec` does: layout maps written for JAX work unchanged.
+    """
     axes = getattr(layout, "axes", None)
     shape = variable._shape
-    if axes is None or shape is None or len(axes) == len(shape):
+    if axes is None or shape is None or len(axes) <= len(shape):
         return
     raise ValueError(
         f"The layout of variable '{variable.path}' has {len(axes)} "
         f"entries, {tuple(axes)}, but the variable has {len(shape)} "
-        f"dimension(s), shape {tuple(shape)}. Give the layout one entry "
-        "per dimension, `None` for a dimension that is not sharded (in "
-        "the LayoutMap, under the key that matches this path)."
+        f"dimension(s), shape {tuple(shape)}. Give the layout at most one "
+        "entry per dimension, `None` for a dimension that is not sharded "
+        "(in the LayoutMap, under the key that matches this path)."
     )
 
 

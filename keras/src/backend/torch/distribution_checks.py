@@ -27,6 +27,8 @@ The checks other than the cross-rank ones read only local state, so they
 take no collective and are safe when only some ranks evaluate or predict.
 """
 
+import torch
+
 from keras.src.backend.torch import distribution_lib
 from keras.src.backend.torch import layout_map_checks
 from keras.src.backend.torch import process_group
@@ -42,10 +44,27 @@ def _shown(paths):
     return text
 
 
+def _wrapped_torch_parameters(model):
+    """Ids of the parameters of torch modules the model wraps
+    (`TorchModuleWrapper`): their variables reuse the module's own
+    parameters, never distributed, and promotion handles them."""
+    ids = set()
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        module = getattr(layer, "module", None)
+        if isinstance(module, torch.nn.Module):
+            ids.update(id(p) for p in module.parameters())
+    return ids
+
+
 def _check_created_under_distribution(model):
     # A variable created under a distribution has its layout set, even
     # where it stays a plain tensor (NOTE [plain scalars]).
-    early = [v.path for v in model.trainable_variables if v._layout is None]
+    wrapped = _wrapped_torch_parameters(model)
+    early = [
+        v.path
+        for v in model.trainable_variables
+        if v._layout is None and id(v._value) not in wrapped
+    ]
     if early:
         raise ValueError(
             f"{len(early)} trainable variable(s) of model {model.name!r} "
