@@ -401,10 +401,10 @@ def main():
     y = rng.normal(size=(args.batch, sizes[2])).astype("float32")
     weights = initial_weights(sizes)
     keras.distribution.list_devices()  # Forms the world under torchrun.
-    # TP is built and warmed up first: once Keras has made a DTensor, a
-    # torch function mode (keras/src/backend/torch/dtensor_promotion.py)
-    # sees every torch call of the thread; `timing` sets it aside while a
-    # TP step runs.
+    # TP is built and warmed up first: once Keras has made a DTensor, its
+    # promotion handler (keras/src/backend/torch/dtensor_promotion.py) sees
+    # every DTensor call; `timing` restores DTensor's own while a TP step
+    # runs.
     alone, alone_torch, alone_ratio = time_one_shard_alone(
         x, y, sizes, args.steps, args.warmup
     )
@@ -422,7 +422,7 @@ def main():
         tp_step,
     )
     ours_ms, tp_ms = timer.medians()
-    with timing.without_function_modes():
+    with timing.without_promotion():
         tp_weights = tp_final()
     loss_diff = abs(ours_loss - tp_loss) / abs(tp_loss)
     weight_diff = max(

@@ -23,27 +23,19 @@ import keras
 
 
 @contextlib.contextmanager
-def without_function_modes():
+def without_promotion():
     """Run native PyTorch code as if Keras were not in the process.
 
     Under a distribution, Keras installs promotion on
     `DTensor.__torch_function__` (plain tensors that meet DTensors are
-    promoted; NOTE [promotion] in `dtensor_promotion`), and the trainer
-    pushes a `TorchFunctionMode` while a loss is computed. A native
-    PyTorch step run between Keras steps must pay for neither: DTensor's
-    own behaviour is restored and this thread's modes are set aside.
+    promoted; NOTE [promotion] in `dtensor_promotion`). A native PyTorch
+    step run between Keras steps must not pay for it: DTensor's own
+    behaviour is restored for the block.
     """
     from keras.src.backend.torch import dtensor_promotion
 
-    modes = []
-    while torch._C._len_torch_function_stack():
-        modes.append(torch._C._pop_torch_function_stack())
-    try:
-        with dtensor_promotion.suspended():
-            yield
-    finally:
-        for mode in reversed(modes):
-            torch._C._push_on_torch_function_stack(mode)
+    with dtensor_promotion.suspended():
+        yield
 
 
 def time_step(step):
@@ -83,7 +75,7 @@ class InterleavedTimer(keras.callbacks.Callback):
         if batch < self.warmup:
             return
         self.keras_times.append(elapsed)
-        with without_function_modes():
+        with without_promotion():
             _, native = time_step(self.native_step)
         self.native_times.append(native)
 

@@ -16,7 +16,6 @@ SCENARIOS = [
     "distributed_sampler",
     "generator",
     "custom_loop",
-    "deferred_loop",
     "accumulate",
 ]
 # A bias followed by BatchNormalization has a gradient of exactly zero (the

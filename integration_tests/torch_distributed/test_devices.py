@@ -1,5 +1,7 @@
 """Device detection in one process and under torchrun."""
 
+import numpy as np
+
 from integration_tests.torch_distributed import launcher
 
 
@@ -19,3 +21,7 @@ def test_two_ranks_list_one_global_device_per_rank(tmp_path):
         assert int(result["count"]) == 2
         assert int(result["num_processes"]) == 2
         assert int(result["process_id"]) == rank
+        # A batch of 7 rows: 4 and 3 moved to each rank's device.
+        assert result["converted_rows"].tolist() == [[4], [3]][rank]
+        assert int(result["local_rows"]) == [4, 3][rank]
+        np.testing.assert_array_equal(result["global_batch"], result["batch"])

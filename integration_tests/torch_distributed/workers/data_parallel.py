@@ -18,8 +18,6 @@ from torch.utils.data import DistributedSampler
 
 import keras
 from keras import layers
-from keras.src.backend.torch import deferred_sums
-from keras.src.backend.torch import dtensor_promotion
 
 SAMPLES, BATCH = 99, 16
 SCENARIOS = {}
@@ -138,8 +136,7 @@ def _fit_arrays(model, x, y):
 
 
 def root_sum_squares(y_true, y_pred):
-    # Nonlinear in the sum over the batch: the sum's all-reduce cannot wait
-    # for backward (NOTE [deferred sums] in `deferred_sums`).
+    # Nonlinear in the sum over the batch.
     y_pred = keras.ops.squeeze(y_pred, axis=-1)
     return keras.ops.sqrt(keras.ops.sum((y_true - y_pred) ** 2) + 1.0)
 
@@ -152,7 +149,6 @@ def nonlinear_loss(init, x, y, weights):
 
 @scenario
 def loss_scale(init, x, y, weights):
-    # The loss, scaled, reaches backward before its all-reduce.
     optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.01))
     model = make_model(init, optimizer=optimizer)
     return _fit_arrays(model, x, y)
@@ -163,9 +159,7 @@ class ReadsLossOnRankZero(keras.Model):
 
     def compute_loss(self, *args, **kwargs):
         loss = super().compute_loss(*args, **kwargs)
-        # Not deferred (only Keras's own loss computation is): the loss
-        # is global already, and reading it takes no collective.
-        assert not deferred_sums.is_pending(loss)
+        # The loss is global already: reading it takes no collective.
         if int(os.environ.get("RANK", 0)) == 0:
             float(loss)
         return loss
@@ -250,22 +244,8 @@ def generator(init, x, y, weights):
 def custom_loop(init, x, y, weights):
     # A loop written with keras.ops and optimizer.apply; the global batch
     # is sharded with the public `distribute_tensor` and the data layout.
-    # Rank 0 alone reads the loss before backward, every other batch: a
-    # custom loop's sums are reduced at once, a collective every rank
-    # joins (only the trainer's wait for backward).
-    return _loop(init, x, y, rank_zero_reads=True)
-
-
-@scenario
-def deferred_loop(init, x, y, weights):
-    # The same loop computing its loss as `fit` does: its all-reduce waits
-    # for backward (NOTE [deferred sums] in `deferred_sums`), unless the
-    # value is read first, here through an alias of its memory on every
-    # rank, every other batch.
-    return _loop(init, x, y, deferred=True)
-
-
-def _loop(init, x, y, rank_zero_reads=False, deferred=False):
+    # Rank 0 alone reads the loss before backward, every other batch: the
+    # loss is reduced when it is computed, a collective every rank joins.
     model = make_model(init)
     optimizer = keras.optimizers.SGD(0.05)
     loss_fn = keras.losses.BinaryCrossentropy()
@@ -275,20 +255,15 @@ def _loop(init, x, y, rank_zero_reads=False, deferred=False):
         rows = slice(start, start + BATCH)
         batch = {k: common.shard_global_batch(v[rows]) for k, v in x.items()}
         target = common.shard_global_batch(y[rows][:, None])
-        with dtensor_promotion.deferring_sums(deferred):
-            loss = loss_fn(target, model(batch, training=True))
-            # A scalar computed from the batch is a plain tensor, the same
-            # on every rank (NOTE [scalar results] in `dtensor_promotion`).
-            assert not isinstance(loss, DTensor), type(loss)
-            pending = deferred and common.is_distributed()
-            assert deferred_sums.is_pending(loss) == pending
-            early = None
-            if start // BATCH % 2 and (deferred or rank == 0):
-                early = float(loss.data) if deferred else float(loss)
-            model.zero_grad()
-            loss.backward()
-            # Reduced by now, beside the gradients.
-            assert not deferred_sums.any_pending()
+        loss = loss_fn(target, model(batch, training=True))
+        # A scalar computed from the batch is a plain tensor, the same on
+        # every rank (NOTE [scalar results] in `dtensor_promotion`).
+        assert not isinstance(loss, DTensor), type(loss)
+        early = None
+        if start // BATCH % 2 and rank == 0:
+            early = float(loss)
+        model.zero_grad()
+        loss.backward()
         if early is not None:
             assert early == float(loss), (early, float(loss))
         variables = model.trainable_variables

@@ -17,7 +17,7 @@ built-in callbacks that write files to that:
   the other ranks they go to a scratch folder of their own, removed at
   exit. They hold logs only, never checkpoints.
 
-Progress bars print on process 0 only (see the callback list patch).
+Progress bars print on process 0 only (`keras.src.distribution.process_output`).
 """
 
 import atexit

@@ -5,7 +5,9 @@ iterates the same arrays, `PyDataset` or `DataLoader`). Each rank keeps its
 slice of the batch axis, with `torch.chunk`'s split (so a final batch that
 does not divide by the number of ranks gives some ranks one row fewer), and
 the batch becomes a DTensor of the global shape. No data moves between
-ranks.
+ranks, and each rank's rows are sliced where the batch is (numpy arrays,
+tensors on the host) before they move to its device: a GPU receives its
+own rows, not the global batch.
 
 When the data is already per rank, each rank's rows are assembled into the
 global batch instead (`from_process_local`): with `auto_shard_dataset=False`,
@@ -251,13 +253,41 @@ def shard_batch(data, per_process=None):
     def shard(x):
         if isinstance(x, DTensor) or not _is_batch_leaf(x):
             return x
-        x = core.convert_to_tensor(x)
-        layout = distribution.get_data_layout(tuple(x.shape)).backend_layout
+        shape = tuple(x.shape)
+        layout = distribution.get_data_layout(shape).backend_layout
         if per_process:
-            return from_process_local(x, layout, distribution.batch_dim_name)
-        return distribution_lib.distribute_tensor(x, layout)
+            return from_process_local(
+                core.convert_to_tensor(x), layout, distribution.batch_dim_name
+            )
+        rows = _rows_of_this_rank(x, layout)
+        if rows is None:
+            return distribution_lib.distribute_tensor(
+                core.convert_to_tensor(x), layout
+            )
+        return dtensor_utils.from_local(
+            core.convert_to_tensor(rows),
+            layout.device_mesh,
+            layout.placements,
+            shape,
+        )
 
     return tree.map_structure(shard, data)
+
+
+def _rows_of_this_rank(x, layout):
+    """The rows of the global batch `x` this rank keeps, as `distribute_
+    tensor` would split them, sliced from `x` where it is; None for a layout
+    other than rows split over one mesh axis."""
+    placements = layout.placements
+    sharded = [i for i, p in enumerate(placements) if not p.is_replicate()]
+    if len(sharded) != 1 or placements[sharded[0]] != Shard(0):
+        return None
+    mesh_axis = sharded[0]
+    mesh = layout.device_mesh
+    sizes = chunk_sizes(x.shape[0], mesh.size(mesh_axis))
+    index = mesh.get_coordinate()[mesh_axis]
+    start = sum(sizes[:index])
+    return x[start : start + sizes[index]]
 
 
 def chunk_sizes(size, parts):

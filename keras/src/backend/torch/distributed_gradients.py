@@ -35,7 +35,6 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate
 
-from keras.src.backend.torch import deferred_sums
 from keras.src.backend.torch import dtensor_utils
 from keras.src.backend.torch import torch_internals
 
@@ -267,17 +266,12 @@ def _finish_backward():
     _start_filling()
     _verify[0] = False
     _order.clear()
-    sums = deferred_sums.start()  # NOTE [deferred sums].
     buckets = list(_in_flight)
     _in_flight.clear()
-    try:
-        for bucket in buckets:
-            for parameter, grad, reduced in bucket.finish():
-                if parameter is not None and parameter.grad is grad:
-                    parameter.grad = reduced
-    finally:
-        # No longer pending: they must hold their global values.
-        sums.finish()
+    for bucket in buckets:
+        for parameter, grad, reduced in bucket.finish():
+            if parameter is not None and parameter.grad is grad:
+                parameter.grad = reduced
 
 
 def _drop_unfinished_backward():

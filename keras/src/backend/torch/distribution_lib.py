@@ -32,8 +32,15 @@ from torch.distributed.tensor import Replicate
 from torch.distributed.tensor import Shard
 from torch.distributed.tensor import distribute_tensor as _torch_distribute
 
+from keras.src.backend.torch import core
 from keras.src.backend.torch import process_group
 from keras.src.backend.torch import torch_internals
+
+# The torch trainer reads the same global batches on every process and
+# shards each batch over the batch axis itself (`distributed_data`), so the
+# data adapters must not shard a dataset per process (read by
+# `keras/src/trainers/data_adapters/__init__.py`).
+TRAINER_SHARDS_BATCHES = True
 
 # Meshes built so far, keyed by their configuration (device type, shape,
 # axis names, ranks). Never keyed by `id()`: two equal keras meshes must map
@@ -183,6 +190,30 @@ def active_distribution():
     if distribution is None or distribution.device_mesh.devices.size == 1:
         return None
     return distribution
+
+
+def prepare_callbacks(callbacks):
+    """Fit a `CallbackList`'s callbacks to the distribution, if any.
+
+    Called by `CallbackList` (through `keras.src.backend.distribution_lib`)
+    for every list it builds. Under a distribution over several devices,
+    the built-in callbacks that write files get one writer
+    (`distributed_callbacks.adapt`), and every callback stays on the
+    training thread: reading a distributed value runs collectives, which
+    every rank must run in the same order.
+
+    Args:
+        callbacks: The list's callbacks.
+
+    Returns:
+        Whether the callbacks must run on the training thread.
+    """
+    if active_distribution() is None:
+        return False
+    from keras.src.backend.torch import distributed_callbacks
+
+    distributed_callbacks.adapt(callbacks)
+    return True
 
 
 def _parse_device(device_name):
@@ -410,7 +441,8 @@ def distribute_tensor(tensor, layout):
     and each process keeps its shard of it: no communication happens.
 
     Args:
-        tensor: A `torch.Tensor` or DTensor.
+        tensor: A `torch.Tensor`, a DTensor, or anything
+            `keras.ops.convert_to_tensor` takes (a numpy array).
         layout: A `TensorLayout` or a `DTensorLayout`.
 
     Returns:
@@ -418,6 +450,8 @@ def distribute_tensor(tensor, layout):
     """
     layout = _as_dtensor_layout(layout)
     _mark_dtensors_in_use()
+    if not isinstance(tensor, torch.Tensor):
+        tensor = core.convert_to_tensor(tensor)
     if isinstance(tensor, DTensor):
         if (
             tensor.device_mesh == layout.device_mesh

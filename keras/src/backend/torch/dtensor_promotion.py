@@ -69,9 +69,7 @@ NOTE [scalar results]: a scalar that an op computes from a DTensor that is
 not a scalar (a loss, a metric's sum, a mean) is reduced over every mesh
 axis, and goes on as a plain tensor holding the same value on every rank
 (`dtensor_utils.replicated_local`; its gradient reaches the DTensor
-replicated, as DTensor's own does): at once, except a sum made while the
-trainer computes the loss, reduced when its value is first needed or when
-backward ends (NOTE [deferred sums] in `deferred_sums`). Keras's
+replicated, as DTensor's own does), at once. Keras's
 bookkeeping on such scalars (the end of the loss's reduction, the loss
 tracker, metric results, loss scaling: a dozen small ops a step) then
 costs what it costs in one process instead of DTensor's dispatch for each
@@ -99,9 +97,7 @@ gradients are kept as they are: DTensor handles them.
 `Tensor.backward` itself never falls back to `run_replicated`: an error in
 backward is raised as it is, not by a second backward pass.
 
-The handler is process-wide; the mode that watches deferred sums
-(`deferring_sums`) is pushed on the trainer's thread for the block that
-computes a loss and its gradients, and taken off at its end.
+The handler is process-wide.
 """
 
 import contextlib
@@ -110,10 +106,8 @@ import functools
 import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate
-from torch.overrides import TorchFunctionMode
 
 from keras.src.backend.common.variables import Variable as KerasVariable
-from keras.src.backend.torch import deferred_sums
 from keras.src.backend.torch import dtensor_rules
 from keras.src.backend.torch import dtensor_strategies
 from keras.src.backend.torch import dtensor_utils
@@ -124,50 +118,6 @@ from keras.src.backend.torch import torch_internals
 _BACKWARD = frozenset(
     (torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad)
 )
-
-
-# Calls that use a pending sum without reading its value.
-_KEEPS_PENDING = _BACKWARD | frozenset(
-    (torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel)
-)
-
-
-# Attributes that describe a tensor without its value: reading any other
-# (`.data`, `.T`, `__cuda_array_interface__`) of a pending sum reduces it
-# first.
-_METADATA_ATTRIBUTES = frozenset(
-    (
-        "shape",
-        "dtype",
-        "device",
-        "layout",
-        "ndim",
-        "requires_grad",
-        "grad_fn",
-        "grad",
-        "is_leaf",
-        "_version",
-        "_base",
-        "output_nr",
-        "names",
-        "itemsize",
-        "nbytes",
-        "is_cpu",
-        "is_cuda",
-        "is_meta",
-        "is_sparse",
-        "is_quantized",
-        "is_nested",
-    )
-)
-
-
-def _reads_pending(get, args):
-    """Whether an attribute read may expose a pending sum's value."""
-    name = getattr(get.__self__, "__name__", None)
-    return name not in _METADATA_ATTRIBUTES and deferred_sums.is_pending(
-        args[0]
-    )
 
 
 def _value(arg):
@@ -181,26 +131,21 @@ def _scan(args, kwargs):
     they skip promotion altogether.
 
     Returns:
-        `(mesh, promote, pending)`: the mesh of the first DTensor (or Keras
-        variable holding one), None if there is none; whether there is a
-        plain tensor to promote or a Keras variable to replace by its
-        value; and whether a plain tensor is a pending sum (NOTE [deferred
-        sums] in `deferred_sums`).
+        `(mesh, promote)`: the mesh of the first DTensor (or Keras variable
+        holding one), None if there is none; and whether there is a plain
+        tensor to promote or a Keras variable to replace by its value.
     """
     mesh = None
-    promote = pending = False
-    check_pending = deferred_sums.any_pending()
+    promote = False
     for arg in dtensor_utils.arguments(args, kwargs):
         if isinstance(arg, KerasVariable):
             promote = True
             arg = arg.value
         elif isinstance(arg, torch.Tensor) and not isinstance(arg, DTensor):
             promote = True
-            if check_pending and deferred_sums.is_pending(arg):
-                pending = True
         if mesh is None and isinstance(arg, DTensor):
             mesh = arg.device_mesh
-    return mesh, promote, pending
+    return mesh, promote
 
 
 def _promote(arg, mesh, placements):
@@ -380,7 +325,7 @@ def _dispatch(func, args, kwargs):
         # Attribute reads (`.grad`, `.dtype`): nothing to promote or
         # settle, and the most frequent call by far.
         return func(*args, **kwargs)
-    mesh, promote, _ = _scan(args, kwargs)
+    mesh, promote = _scan(args, kwargs)
     if mesh is None:
         # A DTensor's own type asked, with no DTensor among the values
         # (a Keras variable holding a plain tensor beside a DTensor type).
@@ -400,10 +345,7 @@ def _dispatch(func, args, kwargs):
         # (settled when it was made).
         return result
     if _is_reduction_to_scalar(result, args, kwargs):
-        # NOTE [scalar results], NOTE [deferred sums].
-        deferred = deferred_sums.defer(result)
-        if deferred is not None:
-            return deferred
+        # NOTE [scalar results].
         return dtensor_utils.replicated_local(result)
     return _settle(result)
 
@@ -472,69 +414,3 @@ def suspended():
     finally:
         if was_enabled:
             DTensor.__torch_function__ = _PROMOTING
-
-
-class _PendingSumsMode(TorchFunctionMode):
-    """Sees every torch call while sums may be pending (NOTE [deferred
-    sums]): ops linear in pending values run locally and stay pending;
-    any other use of one reduces them all first."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if not deferred_sums.any_pending():
-            return func(*args, **kwargs)
-        if getattr(func, "__name__", None) == "__get__":
-            if _reads_pending(func, args):
-                deferred_sums.flush()
-            return func(*args, **kwargs)
-        _, _, pending = _scan(args, kwargs)
-        if pending and not (
-            func in _KEEPS_PENDING
-            and deferred_sums.pending_only_first(args, kwargs)
-        ):
-            linear, result = deferred_sums.run_linear(
-                func,
-                tuple(_value(a) for a in args),
-                {k: _value(v) for k, v in kwargs.items()},
-            )
-            if linear:
-                return result
-            deferred_sums.flush()
-        return func(*args, **kwargs)
-
-
-def _remove_mode(mode):
-    """Take `mode` off this thread's torch function mode stack, wherever
-    it is: a mode entered in the block and left open stays."""
-    above = []
-    while torch_internals.torch_function_stack_size():
-        top = torch_internals.pop_torch_function_mode()
-        if top is mode:
-            break
-        above.append(top)
-    for top in reversed(above):
-        torch_internals.push_torch_function_mode(top)
-
-
-@contextlib.contextmanager
-def deferring_sums(enabled=True):
-    """Defer the sums the block makes (NOTE [deferred sums]).
-
-    The trainer's loss computation, its scaling and its backward pass run
-    in this block; the sums still pending at its end are reduced there, so
-    no pending value outlives the mode that watches its uses.
-
-    Args:
-        enabled: Whether to defer; False runs the block as it is.
-    """
-    if not enabled:
-        yield
-        return
-    mode = _PendingSumsMode()
-    with deferred_sums.deferring():
-        torch_internals.push_torch_function_mode(mode)
-        try:
-            yield
-            deferred_sums.flush()
-        finally:
-            _remove_mode(mode)

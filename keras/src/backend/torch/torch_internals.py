@@ -134,18 +134,6 @@ def torch_function_subclasses_disabled():
     return torch._C.DisableTorchFunctionSubclass()
 
 
-def torch_function_stack_size():
-    return torch._C._len_torch_function_stack()
-
-
-def pop_torch_function_mode():
-    return torch._C._pop_torch_function_stack()
-
-
-def push_torch_function_mode(mode):
-    torch._C._push_on_torch_function_stack(mode)
-
-
 # Autograd.
 
 
