@@ -191,6 +191,8 @@ def _mb(value):
 
 def _collectives(side):
     """`5 all_reduce/model (20,480)` per (kind, axis), `; `-joined."""
+    if "collectives_not_counted" in side:
+        return "not counted: " + side["collectives_not_counted"]
     if "collectives" not in side:
         return "-"
     parts = []
