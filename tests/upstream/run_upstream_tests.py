@@ -53,6 +53,8 @@ MODULES = {
     "keras.src.optimizers.multi_optimizer_test": "several optimizers",
     "keras.src.optimizers.optimizer_sparse_test": "sparse updates",
     "keras.src.models.model_test": "Model end to end",
+    "keras.src.ops.nn_test": "torch nn.py (patched: sparse cross-entropy)",
+    "keras.src.losses.losses_test": "losses on torch",
 }
 
 # Packages the modules import (mostly at module level, to build inputs:
