@@ -60,3 +60,14 @@ def test_model_parallel_needs_one_all_reduce(results):
         assert result["model/all_reduce"] == 1, (rank, dict(result))
         # The row-parallel output: 16 rows of 4 features.
         assert result["model/all_reduce_elements"] == 16 * 4, rank
+
+
+def test_fsdp_gathers_each_layer_once(results):
+    """One all-gather per layer in forward, one reduce-scatter of its
+    gradients in backward (NOTE [layer gathers]), and the loss's sum."""
+    for rank, result in enumerate(results):
+        assert result["fsdp/all_gather"] == 3, (rank, dict(result))
+        assert result["fsdp/reduce_scatter"] == 3, (rank, dict(result))
+        assert result["fsdp/all_reduce"] == LOSS_SCALARS, (rank, dict(result))
+        assert result["fsdp/all_to_all"] == 0, rank
+        assert result["fsdp/broadcast"] == 0, rank

@@ -10,7 +10,11 @@ ops of `torch.distributed` calls (the gradient buckets). One
   optimizer in a `LossScaleOptimizer` (its finiteness check reads every
   gradient);
 - `model`: the MLP on a (1, 2) mesh, its hidden layer column-parallel and
-  its output layer row-parallel (`models.mlp_layout_map`, Megatron-style).
+  its output layer row-parallel (`models.mlp_layout_map`, Megatron-style);
+- `fsdp`: the MLP on a (2,) mesh, every variable split over "batch" on its
+  first dimension (FSDP-style), and a layer whose variables are float16
+  between them (NOTE [layer gathers] in `layer_gathers`: one all-gather
+  per layer and dtype).
 
 Results per scenario: `{scenario}/{kind}` (how many collectives of that
 kind) and `{scenario}/{kind}_elements` (how many elements they took in),
@@ -80,9 +84,25 @@ def _mlp():
     return keras.Model(inputs, outputs)
 
 
+def _fsdp_mlp():
+    """Three Dense layers, the middle one float16."""
+    inputs = keras.Input((8,))
+    x = keras.layers.Dense(16, activation="relu", name="hidden")(inputs)
+    x = keras.layers.Dense(12, dtype="float16", name="wide")(x)
+    x = keras.layers.Activation("relu", dtype="float32")(x)
+    outputs = keras.layers.Dense(4, name="out")(x)
+    return keras.Model(inputs, outputs)
+
+
 def _distribution(scenario):
     if scenario.startswith("data"):
         return keras.distribution.DataParallel()
+    if scenario == "fsdp":
+        mesh = keras.distribution.DeviceMesh((common.WORLD_SIZE,), ["batch"])
+        layout_map = keras.distribution.LayoutMap(mesh)
+        layout_map[".*kernel"] = ("batch", None)
+        layout_map[".*bias"] = ("batch",)
+        return keras.distribution.ModelParallel(layout_map=layout_map)
     mesh = keras.distribution.DeviceMesh(
         (1, common.WORLD_SIZE), ["batch", "model"]
     )
@@ -97,7 +117,7 @@ def count_step(scenario):
     keras.config.set_dtype_policy(
         "mixed_float16" if scenario.endswith("float16") else "float32"
     )
-    model = _mlp()
+    model = _fsdp_mlp() if scenario == "fsdp" else _mlp()
     model.compile(keras.optimizers.SGD(0.01), "mse")
     x, y = common.data(0, (16, 8), (16, 4))
     for _ in range(2):
@@ -119,7 +139,7 @@ def main():
     if not common.is_distributed():
         sys.exit("collectives.py runs under torchrun only.")
     results = {}
-    for scenario in ("data", "data_float16", "model"):
+    for scenario in ("data", "data_float16", "model", "fsdp"):
         results.update(count_step(scenario))
     common.save_results(**results)
     if common.RANK == 0:

@@ -25,11 +25,17 @@ collectives, with the same message on every rank:
 
 The checks other than the cross-rank ones read only local state, so they
 take no collective and are safe when only some ranks evaluate or predict.
+
+Once the checks pass, `check_model` also installs the per-layer gathers of
+FSDP-style variables (NOTE [layer gathers] in `layer_gathers`) when the
+distribution shards the batch: it is the one place that sees every model
+before its first step. That installs hooks only; it takes no collective.
 """
 
 import torch
 
 from keras.src.backend.torch import distribution_lib
+from keras.src.backend.torch import layer_gathers
 from keras.src.backend.torch import layout_map_checks
 from keras.src.backend.torch import process_group
 
@@ -118,6 +124,8 @@ def _check_ranks_agree(model):
 def check_model(model, purpose):
     """Check `model` under the active distribution; see the module doc.
 
+    Then install `layer_gathers` on it (see the module doc).
+
     Args:
         model: The model whose train, test or predict function is made.
         purpose: `"train"`, `"test"` or `"predict"`. The ranks compare
@@ -130,3 +138,6 @@ def check_model(model, purpose):
     layout_map_checks.warn_unmatched_keys(model)
     if purpose == "train" and process_group.is_multi_process():
         _check_ranks_agree(model)
+    batch_dim_name = getattr(distribution, "batch_dim_name", None)
+    if batch_dim_name is not None:
+        layer_gathers.install(model, batch_dim_name)

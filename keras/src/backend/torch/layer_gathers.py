@@ -1,0 +1,383 @@
+"""FSDP-style variables gathered once per layer call, not once per use.
+
+A variable sharded over the mesh axis the batch is sharded on (an
+FSDP-style layout: `LayoutMap` entries like `("batch", None)`) must be
+whole on that axis before a batch-sharded input can use it. Left to
+DTensor, each op that uses it gathers it: a `Dense` layer's kernel for its
+matmul, its bias again for the add, and backward gathers them once more.
+On a 4-block transformer LM that was 113 all-gathers a step, each waited
+for alone.
+
+NOTE [layer gathers]: instead, `install(model)` (run when the trainer
+makes a step function) splits the model into units, as FSDP2 users wrap
+blocks with `fully_shard`: each layer directly inside a model (models are
+descended into) that holds such variables, sublayers included (a
+`MultiHeadAttention` is one unit, its four projections with it). When a
+unit is called, a forward pre-hook gathers all its FSDP-style trainable
+variables with one all-gather per dtype (each rank's shards flattened,
+padded to the largest rank's, into one buffer) and the variables read as
+the gathered values (`variable._value` swapped) until the call returns
+(a forward hook that runs even when the call raises). The gather is one
+autograd function (`_GatherUnit`): its backward takes the gradients of the
+gathered values, which are `Partial` over the batch axis (each rank's sum
+over its own rows), and reduce-scatters them with one collective back to
+the variables' shards, as FSDP2 does. The gathered values stay alive until
+backward has used them (FSDP2's `reshard_after_forward=False`): parameter
+and optimizer memory held between steps stays sharded.
+
+What stays per use, as DTensor does it: variables that are not trainable
+(a layer may assign them during the call, which a swapped value would
+lose), variables read outside their unit's call (a tied embedding read by
+another layer), variables sharded over the batch axis and another axis on
+the same dimension, and calls in a stateless scope (`stateless_call`,
+symbolic builds), where the scope supplies the values. Numbers are the
+same either way: the gathered value is the variable's full value, and the
+gradient each shard receives is the sum over ranks that DTensor's
+reduction would give.
+"""
+
+import weakref
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import Replicate
+
+from keras.src import tree
+from keras.src.backend.common import stateless_scope
+from keras.src.backend.common.keras_tensor import KerasTensor
+from keras.src.backend.torch import torch_internals
+
+# Unit layer -> its `_Unit`, for the hooks; weak so models can be freed.
+_units = weakref.WeakKeyDictionary()
+# Layers whose hooks are registered (once each).
+_hooked = weakref.WeakSet()
+
+
+class _Piece:
+    """Where one variable's shards sit in a unit's gather buffer.
+
+    `shapes[i]` is the local shape of the shard held by batch-axis index
+    `i` (at this rank's coordinate on the other axes), `offsets[i]` its
+    start along the sharded dimension, `padded` the largest shard's
+    element count: every rank's slot for this variable has that length.
+    """
+
+    def __init__(self, variable, axis):
+        value = variable._value
+        mesh = value.device_mesh
+        self.variable = variable
+        self.axis = axis
+        self.dim = value.placements[axis].dim
+        self.placements = tuple(value.placements)
+        self.gathered_placements = tuple(
+            Replicate() if i == axis else p
+            for i, p in enumerate(self.placements)
+        )
+        self.shape = tuple(value.shape)
+        coordinate = list(mesh.get_coordinate())
+        self.index = coordinate[axis]
+        self.shapes = []
+        for i in range(mesh.size(axis)):
+            coordinate[axis] = i
+            shape, _ = torch_internals.local_shape_and_offset(
+                value.shape, mesh.shape, coordinate, self.placements
+            )
+            self.shapes.append(tuple(shape))
+        sizes = [shape[self.dim] for shape in self.shapes]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.numels = [_numel(shape) for shape in self.shapes]
+        self.padded = max(self.numels)
+
+
+def _numel(shape):
+    n = 1
+    for size in shape:
+        n *= size
+    return n
+
+
+class _Group:
+    """The variables of one unit gathered by one collective: same mesh,
+    batch axis, dtype and device."""
+
+    def __init__(self, variables, axis):
+        self.pieces = []
+        start = 0
+        for variable in variables:
+            piece = _Piece(variable, axis)
+            piece.start = start
+            start += piece.padded
+            self.pieces.append(piece)
+        self.total = start
+        value = variables[0]._value
+        self.mesh = value.device_mesh
+        self.parts = self.mesh.size(axis)
+        self.process_group = self.mesh.get_group(axis)
+        self.dtype = value.dtype
+        self.device = value.device
+
+    def gather(self):
+        """The variables' values, whole on the batch axis (autograd)."""
+        parameters = [piece.variable._value for piece in self.pieces]
+        return _GatherUnit.apply(self, *parameters)
+
+
+class _GatherUnit(torch.autograd.Function):
+    """All-gather a group's shards; reduce-scatter their gradients."""
+
+    @staticmethod
+    def forward(ctx, group, *parameters):
+        ctx.group = group
+        send = torch.empty(group.total, dtype=group.dtype, device=group.device)
+        for piece, parameter in zip(group.pieces, parameters):
+            local = torch_internals.local_tensor(parameter)
+            send[piece.start : piece.start + local.numel()].copy_(
+                local.reshape(-1)
+            )
+        received = torch.empty(
+            group.parts * group.total, dtype=group.dtype, device=group.device
+        )
+        dist.all_gather_single(received, send, group=group.process_group)
+        received = received.view(group.parts, group.total)
+        gathered = []
+        for piece in group.pieces:
+            shards = [
+                received[i, piece.start : piece.start + piece.numels[i]].view(
+                    piece.shapes[i]
+                )
+                for i in range(group.parts)
+            ]
+            local = torch.cat(shards, dim=piece.dim)
+            gathered.append(
+                torch_internals.dtensor_without_autograd(
+                    local,
+                    group.mesh,
+                    piece.gathered_placements,
+                    piece.shape,
+                    _contiguous_stride(piece.shape),
+                )
+            )
+        return tuple(gathered)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        group = ctx.group
+        send = None
+        results = [None] * len(group.pieces)
+        for n, (piece, grad) in enumerate(zip(group.pieces, grads)):
+            if grad is None:
+                continue
+            grad = _as_partial_or_replicated(grad, piece, group.mesh)
+            local = torch_internals.local_tensor(grad)
+            if grad.placements == piece.gathered_placements:
+                # Already summed over ranks: this rank's rows are its shard.
+                shard = local.narrow(
+                    piece.dim,
+                    piece.offsets[piece.index],
+                    piece.shapes[piece.index][piece.dim],
+                )
+                results[n] = _shard_gradient(
+                    shard.contiguous(), piece, group.mesh
+                )
+                continue
+            if send is None:
+                send = torch.zeros(
+                    group.parts,
+                    group.total,
+                    dtype=grad.dtype,
+                    device=local.device,
+                )
+            for i in range(group.parts):
+                rows = local.narrow(
+                    piece.dim, piece.offsets[i], piece.shapes[i][piece.dim]
+                )
+                send[i, piece.start : piece.start + piece.numels[i]].copy_(
+                    rows.reshape(-1)
+                )
+            results[n] = piece
+        if send is not None:
+            received = torch.empty(
+                group.total, dtype=send.dtype, device=send.device
+            )
+            dist.reduce_scatter_single(
+                received, send.view(-1), group=group.process_group
+            )
+            for n, piece in enumerate(group.pieces):
+                if results[n] is piece:
+                    numel = piece.numels[piece.index]
+                    shard = received[piece.start : piece.start + numel]
+                    results[n] = _shard_gradient(
+                        shard.view(piece.shapes[piece.index]), piece, group.mesh
+                    )
+        return (None, *results)
+
+
+def _contiguous_stride(shape):
+    stride = []
+    step = 1
+    for size in reversed(shape):
+        stride.append(step)
+        step *= size
+    return tuple(reversed(stride))
+
+
+def _as_partial_or_replicated(grad, piece, mesh):
+    """The gradient of a gathered value, as a `Partial` sum or replicated on
+    the batch axis and laid out as the gathered value on the other axes."""
+    if not isinstance(grad, DTensor):
+        # A plain tensor: the same full value on every rank.
+        return torch_internals.dtensor_without_autograd(
+            grad,
+            mesh,
+            piece.gathered_placements,
+            piece.shape,
+            _contiguous_stride(piece.shape),
+        )
+    target = list(piece.gathered_placements)
+    own = grad.placements[piece.axis]
+    if own.is_partial() and own.reduce_op == "sum":
+        target[piece.axis] = own
+    if tuple(grad.placements) != tuple(target):
+        grad = grad.redistribute(grad.device_mesh, target)
+    return grad
+
+
+def _shard_gradient(local, piece, mesh):
+    return torch_internals.dtensor_without_autograd(
+        local,
+        mesh,
+        piece.placements,
+        piece.shape,
+        _contiguous_stride(piece.shape),
+    )
+
+
+def _is_gathered_here(value, axis):
+    """Whether a variable value is FSDP-style: a leaf DTensor sharded over
+    mesh axis `axis` (of more than one device), on a dimension no other
+    axis shards."""
+    if not isinstance(value, DTensor) or value.grad_fn is not None:
+        return False
+    if value.device_mesh.size(axis) < 2:
+        return False
+    placement = value.placements[axis]
+    if not placement.is_shard():
+        return False
+    return not any(
+        p.is_shard() and p.dim == placement.dim
+        for i, p in enumerate(value.placements)
+        if i != axis
+    )
+
+
+class _Unit:
+    """A layer whose FSDP-style variables are gathered together."""
+
+    def __init__(self, groups):
+        self.groups = groups
+        # One entry per call in progress: what it swapped.
+        self.calls = []
+
+    def before_call(self, args, kwargs):
+        swapped = []
+        self.calls.append(swapped)
+        if stateless_scope.in_stateless_scope() or _is_symbolic(args, kwargs):
+            return
+        for group in self.groups:
+            parameters = [piece.variable._value for piece in group.pieces]
+            if any(
+                p.grad_fn is not None or tuple(p.placements) != piece.placements
+                for p, piece in zip(parameters, group.pieces)
+            ):
+                # Swapped already (a call inside a call) or replaced.
+                continue
+            values = group.gather()
+            for piece, value in zip(group.pieces, values):
+                piece.variable._value = value
+            swapped.append((group, parameters))
+
+    def after_call(self):
+        if not self.calls:
+            return
+        for group, parameters in self.calls.pop():
+            for piece, parameter in zip(group.pieces, parameters):
+                piece.variable._value = parameter
+
+
+def _is_symbolic(args, kwargs):
+    for x in tree.flatten((args, kwargs)):
+        if isinstance(x, KerasTensor):
+            return True
+        if isinstance(x, torch.Tensor) and x.device.type == "meta":
+            return True
+    return False
+
+
+def _before_call(layer, args, kwargs):
+    unit = _units.get(layer)
+    if unit is not None:
+        unit.before_call(args, kwargs)
+
+
+def _after_call(layer, args, kwargs, output):
+    unit = _units.get(layer)
+    if unit is not None:
+        unit.after_call()
+
+
+def _unit_layers(model):
+    """The layers directly inside `model`, descending into models."""
+    from keras.src.models import Model
+
+    for layer in model._flatten_layers(include_self=False, recursive=False):
+        if isinstance(layer, Model):
+            yield from _unit_layers(layer)
+        else:
+            yield layer
+
+
+def _groups(layer, axis_of):
+    """A layer's FSDP-style trainable variables, grouped by collective."""
+    grouped = {}
+    seen = set()
+    for variable in layer.trainable_variables:
+        value = variable._value
+        if id(variable) in seen or not isinstance(value, DTensor):
+            continue
+        seen.add(id(variable))
+        axis = axis_of(value.device_mesh)
+        if axis is None or not _is_gathered_here(value, axis):
+            continue
+        key = (value.device_mesh, axis, value.dtype, value.device)
+        grouped.setdefault(key, (axis, []))[1].append(variable)
+    return [_Group(variables, axis) for axis, variables in grouped.values()]
+
+
+def install(model, batch_dim_name):
+    """Gather the FSDP-style variables of each unit of `model` per call.
+
+    See NOTE [layer gathers]. Idempotent: a layer's hooks are registered
+    once, its groups recomputed each time (variables may have been added).
+
+    Args:
+        model: A built Keras model.
+        batch_dim_name: The mesh axis name the batch is sharded over.
+    """
+
+    def axis_of(mesh):
+        names = mesh.mesh_dim_names or ()
+        return names.index(batch_dim_name) if batch_dim_name in names else None
+
+    for layer in _unit_layers(model):
+        groups = _groups(layer, axis_of)
+        if not groups:
+            _units.pop(layer, None)
+            continue
+        if layer not in _hooked:
+            _hooked.add(layer)
+            layer.register_forward_pre_hook(_before_call, with_kwargs=True)
+            layer.register_forward_hook(
+                _after_call, with_kwargs=True, always_call=True
+            )
+        _units[layer] = _Unit(groups)
