@@ -90,6 +90,11 @@ NUMPY = [
         lambda x, i: ops.take_along_axis(x, i, axis=1),
         (F, "i:5,2:4"),
     ),
+    (
+        "take_along_axis(last)",
+        lambda x, i: ops.take_along_axis(x, i, axis=-1),
+        (F3, "i:5,4,2:6"),
+    ),
     ("getitem(slice)", lambda x: x[1:4, ::2], (F,)),
     ("getitem(index tensor)", lambda x, i: x[i], (F, "i:6:5")),
     ("getitem(bool mask)", lambda x: x[x > 0], (F,)),
@@ -177,6 +182,13 @@ NN = [
             i, x, from_logits=True
         ),
         ("i:5:4", F),
+    ),
+    (
+        "sparse_categorical_crossentropy(sequence)",
+        lambda i, x: ops.sparse_categorical_crossentropy(
+            i, x, from_logits=True
+        ),
+        ("i:5,4:6", F3),
     ),
     (
         "binary_crossentropy",

@@ -231,6 +231,76 @@ def _attention(func, query, key, value, attn_mask=None, *args, **kwargs):
     return dtensor_utils.from_local(output, mesh, placements, shape)
 
 
+# NOTE [gathers along a whole dim]: `gather` (and `take_along_dim`, which
+# Keras's `take_along_axis` and sparse cross-entropy call) picks entries
+# along one dim. When the input and the indices are split alike on the
+# other dims (the batch, under data parallelism) each rank's indices point
+# into its own rows, so the rule gathers on local tensors. DTensor would
+# compute the same values, but its gradient is the composite
+# `grad.new_zeros(input.shape).scatter_add_(...)`, whose zeros DTensor
+# lays out replicated, at the global shape: each rank filled and then
+# sliced a full batch's logits (a transformer LM's largest tensor) every
+# backward. On local tensors the gradient is this rank's rows only.
+
+
+def _split_alike(input, index, dim):
+    """Whether `input` and `index` are DTensors on one mesh, laid out alike
+    on every axis: replicated, or split on a dim other than `dim` that
+    both have whole and of the same size."""
+    if not (isinstance(input, DTensor) and isinstance(index, DTensor)):
+        return False
+    if input.device_mesh != index.device_mesh or input.ndim != index.ndim:
+        return False
+    for p, q in zip(input.placements, index.placements):
+        if p != q or not (p.is_replicate() or p.is_shard()):
+            return False
+        if p.is_shard() and (
+            p.dim == dim or input.shape[p.dim] != index.shape[p.dim]
+        ):
+            return False
+    return True
+
+
+def _gather_local(func, input, dim, index, *args, **kwargs):
+    placements = list(input.placements)
+    output = func(
+        input.to_local(grad_placements=placements),
+        dim,
+        torch_internals.local_tensor(index),
+        *args,
+        **kwargs,
+    )
+    return dtensor_utils.from_local(
+        output, input.device_mesh, placements, index.shape
+    )
+
+
+def _gather(func, input, dim, index, *args, **kwargs):
+    # NOTE [gathers along a whole dim].
+    if "out" in kwargs or not isinstance(dim, int):
+        return AS_USUAL
+    if not _split_alike(input, index, dim % max(input.ndim, 1)):
+        return AS_USUAL
+    return _gather_local(func, input, dim, index, *args, **kwargs)
+
+
+def _take_along_dim(func, input, indices, dim=None):
+    # NOTE [gathers along a whole dim]: without broadcasting (same shapes
+    # but on `dim`), `take_along_dim` is `gather`.
+    if dim is None or not isinstance(dim, int):
+        return AS_USUAL
+    if not _split_alike(input, indices, dim % max(input.ndim, 1)):
+        return AS_USUAL
+    same = all(
+        a == b
+        for d, (a, b) in enumerate(zip(input.shape, indices.shape))
+        if d != dim % input.ndim
+    )
+    if not same:
+        return AS_USUAL
+    return _gather_local(torch.gather, input, dim, indices)
+
+
 def _replicate_dims(x, dims):
     """`x` with no mesh axis sharding any of `dims` (gathered there)."""
     dims = {d % x.ndim for d in dims}
@@ -443,3 +513,6 @@ RULES[torch.unbind] = RULES[torch.Tensor.unbind] = _unbind
 RULES[torch.nn.functional.rms_norm] = _rms_norm
 RULES[torch.Tensor.__getitem__] = _getitem
 RULES[torch.Tensor.__setitem__] = _setitem
+RULES[torch.gather] = RULES[torch.Tensor.gather] = _gather
+RULES[torch.take_along_dim] = _take_along_dim
+RULES[torch.Tensor.take_along_dim] = _take_along_dim
