@@ -20,6 +20,26 @@ RANK = int(os.environ.get("RANK", 0))
 WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))
 
 
+def record_threads_at_exit():
+    """At exit, after Keras's teardown, write this process's thread names
+    to `$RESULTS_DIR/rank{RANK}.threads`, one per line.
+
+    Call it before the first mesh is made: exit handlers run last-registered
+    first, so this one then runs after the one Keras registers when it
+    forms the process group (NOTE [gloo at exit] in `process_group`).
+    """
+    import atexit
+
+    path = Path(os.environ.get("RESULTS_DIR", ".")) / f"rank{RANK}.threads"
+
+    def record():
+        tasks = Path("/proc/self/task").iterdir()
+        names = [(task / "comm").read_text().strip() for task in tasks]
+        path.write_text("\n".join(names))
+
+    atexit.register(record)
+
+
 def is_distributed():
     return "LOCAL_RANK" in os.environ
 

@@ -24,6 +24,7 @@ def error_message(function):
 
 
 def main():
+    common.record_threads_at_exit()
     n = common.WORLD_SIZE
     devices = keras.distribution.list_devices()
     flat = DeviceMesh((n,), ["batch"], devices)

@@ -4,22 +4,25 @@ The distribution code uses a few of PyTorch's internals where no public API
 does the job: a DTensor's local tensor without autograd, a DTensor built
 from a spec without a collective, the shard a rank holds of a layout, the
 autograd engine's end-of-backward callback, the torch function mode stack,
-DTensor's sharding propagator and the default group's store. They can
-change in any PyTorch release, so they are all here, each behind a function
-whose name says what it does: a new torch version is checked against this
-one file, and `warn_if_untested_torch` tells rank 0's user when the
-installed torch is not one the suite ran on.
+DTensor's sharding propagator, the default group's store and the process
+groups a device mesh keeps. They can change in any PyTorch release, so
+they are all here, each behind a function whose name says what it does: a
+new torch version is checked against this one file, and
+`warn_if_untested_torch` tells rank 0's user when the installed torch is
+not one the suite ran on.
 
 This module imports nothing from Keras, so `core.py` (through
 `dtensor_utils`) can use it at import time without a cycle.
 """
 
+import gc
 import warnings
 
 import torch
 
 try:
     import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor import _sharding_prop
     from torch.distributed.tensor._dtensor_spec import DTensorSpec
@@ -159,6 +162,21 @@ def storage_users(tensor):
 
 
 # Processes.
+
+
+def release_mesh_process_groups():
+    """Drop the process groups each live torch `DeviceMesh` keeps.
+
+    A mesh holds its groups in `_pg_registry`, so a group outlives
+    `destroy_process_group` for as long as a mesh does (cached meshes, the
+    meshes of DTensor variables). Dropping them destroys the groups now:
+    their destructors join their worker threads.
+    """
+    for obj in gc.get_objects():
+        if issubclass(type(obj), DeviceMesh):
+            registry = getattr(obj, "_pg_registry", None)
+            if isinstance(registry, dict):
+                registry.clear()
 
 
 def default_store():
