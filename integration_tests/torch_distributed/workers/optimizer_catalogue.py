@@ -7,16 +7,13 @@ weights and the optimizer's variables (slots, iterations) after training.
 `--strategy` picks the distribution: `data` (`DataParallel`), `fsdp`
 (every variable but `out/bias` split over "batch": the update mixes
 sharded and replicated variables) or `model` (Megatron-style layouts on a
-`(1, N)` mesh). It also records, per optimizer, how many updates ran on
-local shards (NOTE [local updates] in `local_updates`) and how many on
-DTensors.
+`(1, N)` mesh).
 """
 
 import common
 import models
 
 import keras
-from keras.src.backend.torch import local_updates
 
 # Each built-in optimizer, with the options that change its update.
 OPTIMIZERS = {
@@ -40,15 +37,11 @@ OPTIMIZERS = {
         0.01, gradient_accumulation_steps=2
     ),
     "adam_ema": lambda: keras.optimizers.Adam(0.01, use_ema=True),
-    # Not element by element: these update through DTensors.
+    # Not element by element: norms and row means over whole variables.
     "adafactor": lambda: keras.optimizers.Adafactor(0.05),
     "lamb": lambda: keras.optimizers.Lamb(0.01),
     "ftrl": lambda: keras.optimizers.Ftrl(0.05),
 }
-# Updates that must run on local shards under a distribution.
-ELEMENTWISE = [
-    name for name in OPTIMIZERS if name not in ("adafactor", "lamb", "ftrl")
-]
 
 
 def _distribution(strategy):
@@ -64,34 +57,20 @@ def _distribution(strategy):
     return keras.distribution.ModelParallel(layout_map=layout_map)
 
 
-def _count_plans(counts):
-    """Count the updates `on_local_shards` runs locally and on DTensors."""
-    plan = local_updates._local_plan
-
-    def counted(*args):
-        result = plan(*args)
-        counts["local" if result is not None else "dtensor"] += 1
-        return result
-
-    local_updates._local_plan = counted
-
-
 def main():
     args = common.parse_args({"--strategy": {"default": "data"}})
     if common.is_distributed():
         keras.distribution.set_distribution(_distribution(args.strategy))
     (x, y) = common.data(0, (99, 8), (99, 4))
-    counts = {"local": 0, "dtensor": 0}
-    _count_plans(counts)
     results = {}
     for index, (name, make) in enumerate(OPTIMIZERS.items()):
         keras.utils.set_random_seed(index)
         model = models.mlp_normalized_inputs()
         common.share_initial_weights(model, f"{args.init}.{name}.npz")
         model.compile(make(), "mse")
-        counts.update(local=0, dtensor=0)
         model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False)
-        results[f"updates:{name}"] = [counts["local"], counts["dtensor"]]
+        steps = model.optimizer.iterations
+        results[f"iterations:{name}"] = keras.ops.convert_to_numpy(steps)
         results.update(common.weights_dict(model, f"weight:{name}"))
         for variable in model.optimizer.variables:
             key = f"optimizer:{name}:{variable.path}"
