@@ -251,7 +251,7 @@ def check_scenario(results, reference, name):
         tolerances = _tolerances(reference, name, keys)
         _check_updates(results, reference, name, tolerances, skip)
     else:
-        prefixes += [p + "weight:", p + "opt:"]
+        prefixes += [p + "weight:", p + "opt:", p + "after_fit:"]
     _check_gradients(results, reference, name, tolerances, skip)
     parity.assert_results_match(
         results, reference, prefixes, loose=tolerances, skip=skip + exact

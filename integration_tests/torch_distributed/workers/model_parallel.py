@@ -26,6 +26,10 @@ on 2 ranks / on 4 ranks:
 - `fsdp`: every variable of an MLP sharded on dimension 0 over the batch
   axis, which also shards the data (FSDP / ZeRO-3, Adam's moments sharded
   alike); (2,) / (2, 2), where the kernels are also sharded over "model".
+  After `fit`, when each layer gathers its variables (NOTE [layer gathers]),
+  `after_fit:` gradients of 7 rows from `loss.backward()` run twice (they
+  accumulate: NOTE [scatters during backward]) and from
+  `torch.autograd.grad` (returned, never accumulated).
 - `fsdp_transformer`: the transformer sharded the same way; (2,) only.
 """
 
@@ -112,6 +116,39 @@ def train(model, x, y, epochs=2):
     results["variable_hooks"] = sum(
         len(variable.value._backward_hooks or {}) for variable in model.weights
     )
+    return results
+
+
+def gradients_after_fit(model, loss_fn, x, y):
+    """Gradients once the trainer has installed the layer gathers: two
+    `loss.backward()` calls accumulated, and `torch.autograd.grad`."""
+    import torch
+
+    from keras.src.backend.torch import distributed_gradients
+
+    variables = model.trainable_variables
+    results = {}
+
+    def loss_of_pass():
+        outputs = model(common.shard_global_batch(x), training=True)
+        return loss_fn(common.shard_global_batch(y), outputs)
+
+    model.zero_grad()
+    for _ in range(2):
+        loss_of_pass().backward()
+    twice = [v.value.grad for v in variables]
+    model.zero_grad()
+    returned = torch.autograd.grad(loss_of_pass(), [v.value for v in variables])
+    leaked = [v.path for v in variables if v.value.grad is not None]
+    if leaked:
+        raise AssertionError(f"torch.autograd.grad set .grad of {leaked}")
+    for name, grads in (("twice", twice), ("returned", returned)):
+        grads = distributed_gradients.reduce_gradients(list(grads))
+        for variable, grad in zip(variables, grads):
+            if grad is None:
+                raise AssertionError(f"No {name} gradient for {variable.path}")
+            key = f"after_fit:{name}:{variable.path}"
+            results[key] = keras.ops.convert_to_numpy(grad)
     return results
 
 
@@ -224,6 +261,7 @@ def fsdp(init):
     results.update(gradients(model, loss, x[:7], y[:7]))
     model.compile(_adam(), loss, metrics=["mae"])
     results.update(train(model, x, y))
+    results.update(gradients_after_fit(model, loss, x[:7], y[:7]))
     return results
 
 
