@@ -28,8 +28,8 @@ on 2 ranks / on 4 ranks:
   alike); (2,) / (2, 2), where the kernels are also sharded over "model".
   After `fit`, when each layer gathers its variables (NOTE [layer gathers]),
   `after_fit:` gradients of 7 rows from `loss.backward()` run twice (they
-  accumulate: NOTE [scatters during backward]) and from
-  `torch.autograd.grad` (returned, never accumulated).
+  accumulate) and from `torch.autograd.grad` (returned, never
+  accumulated into `.grad`).
 - `fsdp_transformer`: the transformer sharded the same way; (2,) only.
 """
 

@@ -21,10 +21,9 @@ the gathered values (`variable._value` swapped) until the call returns
 autograd function (`_GatherUnit`): its backward takes the gradients of the
 gathered values, which are `Partial` over the batch axis (each rank's sum
 over its own rows), and reduce-scatters them with one collective back to
-the variables' shards, as FSDP2 does; the collective runs while backward
-goes on (NOTE [scatters during backward]). The gathered values stay alive
-until backward has used them (FSDP2's `reshard_after_forward=False`):
-parameter and optimizer memory held between steps stays sharded.
+the variables' shards, as FSDP2 does. The gathered values stay alive until
+backward has used them (FSDP2's `reshard_after_forward=False`): parameter
+and optimizer memory held between steps stays sharded.
 
 What stays per use, as DTensor does it: variables that are not trainable
 (a layer may assign them during the call, which a swapped value would
@@ -68,7 +67,6 @@ class _Piece:
         value = variable._value
         mesh = value.device_mesh
         self.variable = variable
-        self.mesh = mesh
         self.axis = axis
         self.dim = value.placements[axis].dim
         self.placements = tuple(value.placements)
@@ -131,7 +129,6 @@ class _GatherUnit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, group, *parameters):
         ctx.group = group
-        ctx.parameters = parameters
         send = torch.empty(group.total, dtype=group.dtype, device=group.device)
         for piece, parameter in zip(group.pieces, parameters):
             local = torch_internals.local_tensor(parameter)
@@ -203,94 +200,17 @@ class _GatherUnit(torch.autograd.Function):
             received = torch.empty(
                 group.total, dtype=send.dtype, device=send.device
             )
-            scattered = [
-                n for n, r in enumerate(results) if r is group.pieces[n]
-            ]
-            leaves = [ctx.parameters[n] for n in scattered]
-            if _can_defer(leaves):
-                work = dist.reduce_scatter_single(
-                    received,
-                    send.view(-1),
-                    group=group.process_group,
-                    async_op=True,
-                )
-                _defer(_Scatter(work, send, received, group, scattered, leaves))
-                for n in scattered:
-                    results[n] = None
-            else:
-                dist.reduce_scatter_single(
-                    received, send.view(-1), group=group.process_group
-                )
-                for n in scattered:
-                    results[n] = _scattered_gradient(received, group.pieces[n])
+            dist.reduce_scatter_single(
+                received, send.view(-1), group=group.process_group
+            )
+            for n, piece in enumerate(group.pieces):
+                if results[n] is piece:
+                    numel = piece.numels[piece.index]
+                    shard = received[piece.start : piece.start + numel]
+                    results[n] = _shard_gradient(
+                        shard.view(piece.shapes[piece.index]), piece, group.mesh
+                    )
         return (None, *results)
-
-
-def _scattered_gradient(received, piece):
-    """This rank's shard of a piece's reduce-scattered gradient."""
-    numel = piece.numels[piece.index]
-    shard = received[piece.start : piece.start + numel]
-    return _shard_gradient(
-        shard.view(piece.shapes[piece.index]), piece, piece.mesh
-    )
-
-
-class _Scatter:
-    """A reduce-scatter started in backward, and whose gradients it holds."""
-
-    def __init__(self, work, send, received, group, indices, leaves):
-        self.work = work
-        # Kept alive until the collective is done with it.
-        self.send = send
-        self.received = received
-        self.pieces = [group.pieces[n] for n in indices]
-        self.leaves = leaves
-
-    def finish(self):
-        self.work.wait()
-        for piece, leaf in zip(self.pieces, self.leaves):
-            grad = _scattered_gradient(self.received, piece)
-            leaf.grad = grad if leaf.grad is None else leaf.grad + grad
-
-
-# NOTE [scatters during backward]: a unit's reduce-scatter is started
-# asynchronously, and backward goes on to the layers before it while gloo
-# or NCCL reduces; when backward ends (a callback on the autograd engine)
-# each is waited for and its gradients are accumulated into the variables'
-# `.grad`, as autograd would have. That needs a backward that accumulates
-# into `.grad` (`loss.backward()`, as Keras's trainer and custom loops
-# call it): under `torch.autograd.grad`, or with `create_graph=True`, the
-# gradient must be returned from the backward function, so it is
-# reduce-scattered there and waited for at once. Pending scatters of a
-# backward that raised (it never reaches its end callback) are waited for
-# and dropped by the next one, as NOTE [failed backward] does for buckets.
-_pending = []
-_pending_for = [None]
-
-
-def _can_defer(leaves):
-    return not torch.is_grad_enabled() and all(
-        torch_internals.backward_accumulates_into(leaf) for leaf in leaves
-    )
-
-
-def _defer(scatter):
-    task = torch_internals.current_backward_id()
-    if _pending_for[0] != task:
-        for stale in _pending:
-            stale.work.wait()
-        _pending.clear()
-        _pending_for[0] = task
-        torch_internals.run_at_end_of_backward(_finish_scatters)
-    _pending.append(scatter)
-
-
-def _finish_scatters():
-    _pending_for[0] = None
-    scatters = list(_pending)
-    _pending.clear()
-    for scatter in scatters:
-        scatter.finish()
 
 
 def _contiguous_stride(shape):

@@ -3,13 +3,13 @@
 The distribution code uses a few of PyTorch's internals where no public API
 does the job: a DTensor's local tensor without autograd, a DTensor built
 from a spec without a collective, the shard a rank holds of a layout, the
-autograd engine's end-of-backward callback and which leaves a backward
-pass accumulates into, the torch function mode stack, DTensor's sharding
-propagator, the default group's store and the process groups a device mesh
-keeps. They can change in any PyTorch release, so they are all here, each
-behind a function whose name says what it does: a new torch version is
-checked against this one file, and `warn_if_untested_torch` tells rank 0's
-user when the installed torch is not one the suite ran on.
+autograd engine's end-of-backward callback, the torch function mode stack,
+DTensor's sharding propagator, the default group's store and the process
+groups a device mesh keeps. They can change in any PyTorch release, so
+they are all here, each behind a function whose name says what it does: a
+new torch version is checked against this one file, and
+`warn_if_untested_torch` tells rank 0's user when the installed torch is
+not one the suite ran on.
 
 This module imports nothing from Keras, so `core.py` (through
 `dtensor_utils`) can use it at import time without a cycle.
@@ -151,22 +151,6 @@ def run_at_end_of_backward(callback):
     Must be called from inside a backward pass (e.g. a gradient hook).
     """
     torch.autograd.Variable._execution_engine.queue_callback(callback)
-
-
-def backward_accumulates_into(leaf):
-    """Whether the running backward pass accumulates into `leaf.grad`.
-
-    True under `loss.backward()` (with or without `inputs=` naming
-    `leaf`); False under `torch.autograd.grad`, which hands gradients back
-    instead, and when the pass never reaches `leaf`. Must be called from
-    inside a backward pass.
-    """
-    node = torch.autograd.graph.get_gradient_edge(leaf).node
-    try:
-        return bool(torch._C._will_engine_execute_node(node))
-    except RuntimeError:
-        # Raised for leaves under `torch.autograd.grad`.
-        return False
 
 
 def storage_users(tensor):
