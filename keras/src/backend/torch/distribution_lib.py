@@ -187,7 +187,9 @@ def active_distribution():
     from keras.src.distribution import distribution_lib
 
     distribution = distribution_lib.distribution()
-    if distribution is None or distribution.device_mesh.devices.size == 1:
+    # The mesh's shape, not its array of device names: torch.compile cannot
+    # trace a NumPy array of strings, and this runs inside compiled steps.
+    if distribution is None or math.prod(distribution.device_mesh.shape) == 1:
         return None
     return distribution
 

@@ -10,6 +10,7 @@ from keras.src.backend.torch import torch_internals
 
 try:
     import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor import Partial
     from torch.distributed.tensor import Replicate
@@ -130,8 +131,20 @@ def from_local(local, device_mesh, placements, shape=None):
 def _all_reduce(local, device_mesh, placements):
     """Reduce `local` in place over the mesh axes where `placements` are
     `Partial`."""
+    compiling = torch.compiler.is_compiling()
     for axis, placement in enumerate(placements):
         if not placement.is_partial():
+            continue
+        if compiling:
+            # Inductor cannot compile the in-place c10d op; the functional
+            # collective is the traceable form of the same all-reduce.
+            local = funcol.all_reduce(
+                local,
+                "sum" if placement.reduce_op == "avg" else placement.reduce_op,
+                device_mesh.get_group(axis),
+            )
+            if placement.reduce_op == "avg":
+                local = local / device_mesh.size(axis)
             continue
         dist.all_reduce(
             local,

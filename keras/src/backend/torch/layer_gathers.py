@@ -314,12 +314,18 @@ def _is_symbolic(args, kwargs):
     return False
 
 
+# Under `jit_compile=True` the hooks run eagerly, a graph break on each side
+# of a unit's call (NOTE [compiled steps] in `compiled_steps`): traced, the
+# gather and the swap of `variable._value` were compiled again for every
+# unit's shapes until dynamo's recompile limit.
+@torch.compiler.disable
 def _before_call(layer, args, kwargs):
     unit = _units.get(layer)
     if unit is not None:
         unit.before_call(args, kwargs)
 
 
+@torch.compiler.disable
 def _after_call(layer, args, kwargs, output):
     unit = _units.get(layer)
     if unit is not None:

@@ -1,0 +1,80 @@
+"""`jit_compile=True` under each distribution: the numbers of eager Keras
+and of one process, from a step compiled once."""
+
+import numpy as np
+import pytest
+
+from integration_tests.torch_distributed import launcher
+from integration_tests.torch_distributed import parity
+
+# 3 steps an epoch (16, 16 and 13 rows), 3 epochs.
+STEPS = 9
+# Steps that may compile: the first (the step), the second (the optimizer
+# once it has gradients and slots), the third (a batch of a new size) and
+# the fourth (the full batch again, after the smaller one). From then on
+# nothing may compile: 5 steps, the whole last epoch among them.
+COMPILING_STEPS = 4
+PREFIXES = ["weight:eager", "history:eager", "evaluate:eager", "predict:eager"]
+# The key bias's gradient is rounding noise around zero (softmax ignores a
+# shift shared by all keys); Adam turns noise into steps of at most
+# lr * |g| / eps ~ 1e-5, which differ between runs. Compare it absolutely.
+LOOSE = {"weight:eager:mha/key/bias": (0.0, 1e-4)}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("compiled")
+    args = ["--init", str(folder / "init")]
+    return folder, launcher.run_reference("compiled.py", folder, args=args)
+
+
+def _as_eager_keys(results):
+    """The compiled run's results, keyed as the eager run's are."""
+    return {
+        key.replace(":compiled", ":eager"): value
+        for key, value in results.items()
+        if ":compiled" in key
+    }
+
+
+def _assert_compiled_once(results, who):
+    after_step = np.asarray(results["frames_after_step"])
+    assert after_step.shape == (STEPS, 2), (who, after_step)
+    settled = after_step[COMPILING_STEPS - 1]
+    # Graphs compiled, and frames dynamo was asked to compile (a recompile
+    # counts one), after each step.
+    for step in range(COMPILING_STEPS, STEPS):
+        assert tuple(after_step[step]) == tuple(settled), (
+            f"{who}: step {step + 1} compiled again: {after_step.tolist()}"
+        )
+    hits = list(results["recompile_limit_hits"])
+    assert not hits, f"{who}: dynamo gave up compiling {hits}"
+
+
+def test_one_process_compiled_matches_eager(reference):
+    _, expected = reference
+    compared = parity.assert_results_match(
+        [_as_eager_keys(expected)], expected, PREFIXES, loose=LOOSE
+    )
+    assert compared > 20, compared
+    _assert_compiled_once(expected, "one process")
+
+
+@pytest.mark.parametrize("strategy", ["data", "fsdp", "model"])
+def test_compiled_matches_eager_and_one_process(reference, strategy):
+    folder, expected = reference
+    args = ["--strategy", strategy, "--init", str(folder / "init")]
+    _, _, results = launcher.run_workers(
+        "compiled.py", 2, folder / strategy, args=args, timeout=480
+    )
+    # Eager under the distribution, then compiled under it, against one
+    # process's eager run.
+    compared = parity.assert_results_match(
+        results, expected, PREFIXES, loose=LOOSE
+    )
+    assert compared > 20, compared
+    compiled = [_as_eager_keys(r) for r in results]
+    parity.assert_results_match(compiled, expected, PREFIXES, loose=LOOSE)
+    parity.assert_same_on_every_rank(compiled, PREFIXES)
+    for rank, rank_results in enumerate(results):
+        _assert_compiled_once(rank_results, f"{strategy} rank {rank}")

@@ -1,0 +1,99 @@
+"""`jit_compile=True` on the torch backend: steps that torch.compile can
+compile, under a distribution as in one process.
+
+The trainer compiles its step functions with `compile_step`, runs the
+loss's backward through `backward`, and hands metrics `for_metrics(y_pred)`.
+
+NOTE [compiled steps]: Keras's torch trainer compiles the whole step
+(`torch.compile` of the function that shards the batch and calls
+`train_step`). Dynamo cannot trace `loss.backward()`, so the step is always
+split there: one compiled graph runs the forward and the loss (AOTAutograd
+compiles its backward with it), the backward runs eagerly, and a second
+graph runs the optimizer's update. Three things make that work on DTensors:
+
+- The backward runs with dynamo off (`backward`). Otherwise every Python
+  frame the autograd engine enters on this thread is compiled as it comes:
+  gradient hooks (`distributed_gradients` queues its bucketed all-reduces
+  from them), FSDP-style reduce-scatters, and the AOTAutograd wrappers that
+  rebuild DTensors from local tensors, whose frames were recompiled for
+  every rank of tensor until dynamo's recompile limit (8) made it give up
+  on them.
+- A graph's outputs that require gradients but get none must not be
+  DTensors: AOTAutograd guesses each output's gradient to be of its
+  output's type, and the autograd engine fills a missing gradient with
+  plain zeros, which it rejects ("Expected a DTensor tangent but got a
+  plain Tensor"). The predictions outlive the forward graph only for the
+  metrics, which need no gradient, so the trainer detaches them first
+  (`for_metrics`).
+- Under a distribution, shapes are static (`dynamic=False`). After a
+  frame recompiles for a new shape, dynamo makes that size symbolic, and
+  DTensor's sharding propagation cannot take symbolic sizes ("unhashable
+  type: non-nested SymInt"). A batch of a new size (an uneven last batch)
+  compiles the step once more instead.
+- Under a distribution, each rank keeps its own inductor cache
+  (`TORCHINDUCTOR_CACHE_DIR`, a `rank<N>` folder in it). The cache's key
+  holds a DTensor's global shape, not its local one: when a batch is
+  uneven, ranks on one host sharing a cache ran each other's graphs, and
+  failed ("expected size 6==7" on a 13-row batch over 2 ranks).
+
+Collectives that run inside compiled code use the functional collectives
+(`dtensor_utils`): inductor cannot compile the in-place
+`torch.distributed` ops. Hooks whose collectives are best run as they are
+(the FSDP-style gathers of `layer_gathers`) are `torch.compiler.disable`d,
+a graph break on each side.
+"""
+
+import os
+
+import torch
+
+from keras.src import tree
+
+# Dynamo's limit of compiled versions per function, under a distribution.
+RECOMPILE_LIMIT = 64
+
+
+def compile_step(function):
+    """`torch.compile(function)`, with static shapes under a distribution.
+
+    Args:
+        function: A step function (`one_step_on_data`).
+
+    Returns:
+        The compiled function.
+    """
+    from keras.src.backend.torch import distribution_lib
+
+    if distribution_lib.active_distribution() is None:
+        return torch.compile(function)
+    _use_cache_of_this_rank(distribution_lib.process_id())
+    compiled = torch.compile(function, dynamic=False)
+
+    def step(*args, **kwargs):
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return compiled(*args, **kwargs)
+
+    return step
+
+
+def _use_cache_of_this_rank(rank):
+    """Point inductor's cache at a folder of this rank's own, once."""
+    from torch._inductor.runtime import cache_dir_utils
+
+    folder = f"rank{rank}"
+    shared = cache_dir_utils.cache_dir()
+    if os.path.basename(shared) != folder:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(shared, folder)
+
+
+@torch.compiler.disable
+def backward(loss):
+    """`loss.backward()`, with dynamo off while the backward runs."""
+    loss.backward()
+
+
+def for_metrics(y_pred):
+    """The predictions, detached: what metrics read after the backward."""
+    return tree.map_structure(
+        lambda x: x.detach() if isinstance(x, torch.Tensor) else x, y_pred
+    )
