@@ -97,6 +97,28 @@ def set_distribution(distribution):
         keras.distribution.set_distribution(distribution)
 
 
+def strategy_distribution(strategy, fsdp_layout_map, model_layout_map):
+    """The distribution a worker's `--strategy` names, over every rank.
+
+    Args:
+        strategy: `"data"` (`DataParallel`), `"fsdp"` (a `(N,)` "batch"
+            mesh with `fsdp_layout_map(mesh)`) or `"model"` (a `(1, N)`
+            mesh with `model_layout_map(mesh)`).
+        fsdp_layout_map: A function of a mesh, returning a `LayoutMap`.
+        model_layout_map: A function of a mesh, returning a `LayoutMap`.
+    """
+    n = WORLD_SIZE
+    if strategy == "data":
+        return keras.distribution.DataParallel()
+    if strategy == "fsdp":
+        mesh = keras.distribution.DeviceMesh((n,), ["batch"])
+        layout_map = fsdp_layout_map(mesh)
+    else:
+        mesh = keras.distribution.DeviceMesh((1, n), ["batch", "model"])
+        layout_map = model_layout_map(mesh)
+    return keras.distribution.ModelParallel(layout_map=layout_map)
+
+
 def shard_global_batch(array):
     """Shard a global batch over the batch axis, as a custom loop does."""
     import torch

@@ -54,19 +54,6 @@ class _CompiledFrames(keras.callbacks.Callback):
         )
 
 
-def _distribution(strategy):
-    n = common.WORLD_SIZE
-    if strategy == "data":
-        return keras.distribution.DataParallel()
-    if strategy == "fsdp":
-        mesh = keras.distribution.DeviceMesh((n,), ["batch"])
-        layout_map = models.transformer_fsdp_layout_map(mesh)
-    else:
-        mesh = keras.distribution.DeviceMesh((1, n), ["batch", "model"])
-        layout_map = models.transformer_layout_map(mesh)
-    return keras.distribution.ModelParallel(layout_map=layout_map)
-
-
 def _train(jit_compile, init, x, y, x_test, y_test):
     keras.utils.set_random_seed(0)
     model = models.transformer_classifier()
@@ -101,7 +88,12 @@ def _train(jit_compile, init, x, y, x_test, y_test):
 def main():
     args = common.parse_args({"--strategy": {"default": "data"}})
     if common.is_distributed():
-        keras.distribution.set_distribution(_distribution(args.strategy))
+        distribution = common.strategy_distribution(
+            args.strategy,
+            models.transformer_fsdp_layout_map,
+            models.transformer_layout_map,
+        )
+        keras.distribution.set_distribution(distribution)
     hits = _RecompileLimitHits()
     logging.getLogger("torch._dynamo").addHandler(hits)
     (x,) = common.data(0, (ROWS, models.SEQ), integer_high=models.VOCAB)

@@ -44,23 +44,13 @@ OPTIMIZERS = {
 }
 
 
-def _distribution(strategy):
-    n = common.WORLD_SIZE
-    if strategy == "data":
-        return keras.distribution.DataParallel()
-    if strategy == "fsdp":
-        mesh = keras.distribution.DeviceMesh((n,), ["batch"])
-        layout_map = models.mlp_fsdp_layout_map(mesh)
-    else:
-        mesh = keras.distribution.DeviceMesh((1, n), ["batch", "model"])
-        layout_map = models.mlp_layout_map(mesh)
-    return keras.distribution.ModelParallel(layout_map=layout_map)
-
-
 def main():
     args = common.parse_args({"--strategy": {"default": "data"}})
     if common.is_distributed():
-        keras.distribution.set_distribution(_distribution(args.strategy))
+        distribution = common.strategy_distribution(
+            args.strategy, models.mlp_fsdp_layout_map, models.mlp_layout_map
+        )
+        keras.distribution.set_distribution(distribution)
     (x, y) = common.data(0, (99, 8), (99, 4))
     results = {}
     for index, (name, make) in enumerate(OPTIMIZERS.items()):
