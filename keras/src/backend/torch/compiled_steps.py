@@ -7,9 +7,10 @@ loss's backward through `backward`, and hands metrics `for_metrics(y_pred)`.
 NOTE [compiled steps]: Keras's torch trainer compiles the whole step
 (`torch.compile` of the function that shards the batch and calls
 `train_step`). Dynamo cannot trace `loss.backward()`, so the step is always
-split there: one compiled graph runs the forward and the loss (AOTAutograd
-compiles its backward with it), the backward runs eagerly, and a second
-graph runs the optimizer's update. Three things make that work on DTensors:
+split there: one compiled graph runs the forward and the loss, the
+autograd engine then runs that graph's compiled backward (AOTAutograd
+makes it) and the gradient hooks, eagerly, and a second graph runs the
+optimizer's update. What makes that work on DTensors:
 
 - The backward runs with dynamo off (`backward`). Otherwise every Python
   frame the autograd engine enters on this thread is compiled as it comes:
@@ -35,6 +36,10 @@ graph runs the optimizer's update. Three things make that work on DTensors:
   holds a DTensor's global shape, not its local one: when a batch is
   uneven, ranks on one host sharing a cache ran each other's graphs, and
   failed ("expected size 6==7" on a 13-row batch over 2 ranks).
+- Under a distribution, dynamo may compile a function `RECOMPILE_LIMIT`
+  (64) times, not 8: FSDP-style gathers split the step at every layer
+  (below), so each layer's call is compiled on its own, once per layer
+  and batch size, and with 8 the later layers ran eagerly.
 
 Collectives that run inside compiled code use the functional collectives
 (`dtensor_utils`): inductor cannot compile the in-place
@@ -48,6 +53,7 @@ import os
 import torch
 
 from keras.src import tree
+from keras.src.backend.torch import torch_internals
 
 # Dynamo's limit of compiled versions per function, under a distribution.
 RECOMPILE_LIMIT = 64
@@ -70,7 +76,7 @@ def compile_step(function):
     compiled = torch.compile(function, dynamic=False)
 
     def step(*args, **kwargs):
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        with torch_internals.recompile_limit(RECOMPILE_LIMIT):
             return compiled(*args, **kwargs)
 
     return step
@@ -78,10 +84,8 @@ def compile_step(function):
 
 def _use_cache_of_this_rank(rank):
     """Point inductor's cache at a folder of this rank's own, once."""
-    from torch._inductor.runtime import cache_dir_utils
-
     folder = f"rank{rank}"
-    shared = cache_dir_utils.cache_dir()
+    shared = torch_internals.inductor_cache_dir()
     if os.path.basename(shared) != folder:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(shared, folder)
 

@@ -10,7 +10,6 @@ from keras.src.backend.torch import torch_internals
 
 try:
     import torch.distributed as dist
-    import torch.distributed._functional_collectives as funcol
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor import Partial
     from torch.distributed.tensor import Replicate
@@ -138,7 +137,7 @@ def _all_reduce(local, device_mesh, placements):
         if compiling:
             # Inductor cannot compile the in-place c10d op; the functional
             # collective is the traceable form of the same all-reduce.
-            local = funcol.all_reduce(
+            local = torch_internals.functional_all_reduce(
                 local,
                 "sum" if placement.reduce_op == "avg" else placement.reduce_op,
                 device_mesh.get_group(axis),

@@ -4,10 +4,12 @@ The distribution code uses a few of PyTorch's internals where no public API
 does the job: a DTensor's local tensor without autograd, a DTensor built
 from a spec without a collective, the shard a rank holds of a layout, the
 autograd engine's end-of-backward callback, the torch function mode stack,
-DTensor's sharding propagator, the default group's store and the process
-groups a device mesh keeps. They can change in any PyTorch release, so
-they are all here, each behind a function whose name says what it does: a
-new torch version is checked against this one file, and
+DTensor's sharding propagator, the default group's store, the process
+groups a device mesh keeps, and for torch.compile a traceable all-reduce,
+dynamo's recompile limit and inductor's cache folder. They can change in
+any PyTorch release, so they are all here, each behind a function whose
+name says what it does: a new torch version is checked against this one
+file, and
 `warn_if_untested_torch` tells rank 0's user when the installed torch is
 not one the suite ran on.
 
@@ -159,6 +161,30 @@ def storage_users(tensor):
     if use_count is None:
         return None
     return use_count(tensor.untyped_storage()._cdata)
+
+
+# torch.compile.
+
+
+def functional_all_reduce(tensor, reduce_op, group):
+    """The all-reduce torch.compile can trace: a new tensor, `tensor`
+    reduced over `group` with `reduce_op` ("sum", "max", "min")."""
+    from torch.distributed import _functional_collectives
+
+    return _functional_collectives.all_reduce(tensor, reduce_op, group)
+
+
+def recompile_limit(limit):
+    """A context in which dynamo compiles a function up to `limit` times
+    before it runs it eagerly."""
+    return torch._dynamo.config.patch(recompile_limit=limit)
+
+
+def inductor_cache_dir():
+    """The folder inductor caches compiled code in (made if missing)."""
+    from torch._inductor.runtime import cache_dir_utils
+
+    return cache_dir_utils.cache_dir()
 
 
 # Processes.
