@@ -128,8 +128,8 @@ def from_local(local, device_mesh, placements, shape=None):
 
 
 def _all_reduce(local, device_mesh, placements):
-    """Reduce `local` in place over the mesh axes where `placements` are
-    `Partial`."""
+    """`local` reduced over the mesh axes where `placements` are `Partial`:
+    in place eagerly, a new tensor when compiling. Use the result."""
     compiling = torch.compiler.is_compiling()
     for axis, placement in enumerate(placements):
         if not placement.is_partial():
