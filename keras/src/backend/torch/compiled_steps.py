@@ -90,9 +90,20 @@ def _use_cache_of_this_rank(rank):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(shared, folder)
 
 
-@torch.compiler.disable
 def backward(loss):
-    """`loss.backward()`, with dynamo off while the backward runs."""
+    """`loss.backward()`; in a compiled step, with dynamo off while it runs.
+
+    Eagerly it is the plain call: the dynamo-off wrapper would set dynamo's
+    frame callback around every Python frame of the backward for nothing.
+    """
+    if torch.compiler.is_compiling():
+        _backward_without_dynamo(loss)
+    else:
+        loss.backward()
+
+
+@torch.compiler.disable
+def _backward_without_dynamo(loss):
     loss.backward()
 
 
