@@ -39,6 +39,9 @@ def _environment(results_dir, extra_env=None):
         KERAS_BACKEND="torch",
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
+        # A rank that crashes (SIGSEGV, SIGABRT) prints every thread's
+        # Python stack before it dies, into the output a failure shows.
+        PYTHONFAULTHANDLER="1",
         RESULTS_DIR=str(results_dir),
         # Make a collective that can never complete fail instead of hang.
         KERAS_TORCH_DISTRIBUTED_TIMEOUT=env.get(
