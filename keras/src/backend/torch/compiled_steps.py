@@ -93,8 +93,9 @@ def _use_cache_of_this_rank(rank):
 def backward(loss):
     """`loss.backward()`; in a compiled step, with dynamo off while it runs.
 
-    Eagerly it is the plain call: the dynamo-off wrapper would set dynamo's
-    frame callback around every Python frame of the backward for nothing.
+    Eagerly it is the plain call: dynamo is not running, and its wrapper
+    (which swaps dynamo's frame callback around the call) would add
+    nothing but a layer between the trainer and the autograd engine.
     """
     if torch.compiler.is_compiling():
         _backward_without_dynamo(loss)
