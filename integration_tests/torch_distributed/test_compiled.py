@@ -19,6 +19,12 @@ PREFIXES = ["weight:eager", "history:eager", "evaluate:eager", "predict:eager"]
 # shift shared by all keys); Adam turns noise into steps of at most
 # lr * |g| / eps ~ 1e-5, which differ between runs. Compare it absolutely.
 LOOSE = {"weight:eager:mha/key/bias": (0.0, 1e-4)}
+# Compiled against eager: inductor fuses each step's element-wise ops (the
+# whole Adam update among them) and rounds them in its own order, and nine
+# steps of that move predictions of magnitude 1 by up to 1.2e-6 in one
+# process (10 ulps of 1.0; the same under a distribution). A wrong
+# reduction moves them by 1e-2 or more.
+COMPILED_LOOSE = {**LOOSE, "predict:eager": (1e-5, 4e-6)}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +60,7 @@ def _assert_compiled_once(results, who):
 def test_one_process_compiled_matches_eager(reference):
     _, expected = reference
     compared = parity.assert_results_match(
-        [_as_eager_keys(expected)], expected, PREFIXES, loose=LOOSE
+        [_as_eager_keys(expected)], expected, PREFIXES, loose=COMPILED_LOOSE
     )
     assert compared > 20, compared
     _assert_compiled_once(expected, "one process")
@@ -74,7 +80,9 @@ def test_compiled_matches_eager_and_one_process(reference, strategy):
     )
     assert compared > 20, compared
     compiled = [_as_eager_keys(r) for r in results]
-    parity.assert_results_match(compiled, expected, PREFIXES, loose=LOOSE)
+    parity.assert_results_match(
+        compiled, expected, PREFIXES, loose=COMPILED_LOOSE
+    )
     parity.assert_same_on_every_rank(compiled, PREFIXES)
     for rank, rank_results in enumerate(results):
         _assert_compiled_once(rank_results, f"{strategy} rank {rank}")
