@@ -16,9 +16,11 @@ INTERNALS = REPO / "keras/src/backend/torch/torch_internals.py"
 
 # `torch._C`, a DTensor's `._local_tensor`, private torch modules
 # (`torch.distributed.tensor._utils`), the autograd engine, c10d's private
-# helpers and DTensor's dispatcher.
+# helpers and DTensor's dispatcher. Not `torch._foreach_*`: the multi-tensor
+# ops `torch.optim` is built on, which upstream Keras's torch optimizers
+# (and so our patches to them) call throughout.
 PRIVATE_USE = re.compile(
-    r"torch\._C\b|\._local_tensor\b|torch(\.\w+)*\._[a-z]\w*|"
+    r"torch\._C\b|\._local_tensor\b|torch(\.\w+)*\._(?!foreach_)[a-z]\w*|"
     r"_execution_engine|distributed_c10d\._|_op_dispatcher|"
     r"from torch[\w.]* import _\w+"
 )
@@ -78,6 +80,7 @@ def test_the_scan_finds_private_uses():
         "from torch.distributed.tensor import DTensor",
         "dist.all_reduce(x)",
         "local = x.to_local()",
+        "torch._foreach_addcmul_(v_list, grads, grads, value=0.001)",
     ):
         assert not PRIVATE_USE.search(line), line
 
