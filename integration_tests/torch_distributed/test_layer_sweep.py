@@ -5,7 +5,10 @@ Three launches run the whole table: the single-process reference, 2 ranks
 and 4 ranks (the cases marked `grid` on a (2, 2) mesh). Each case's
 inference output, training output, loss, gradients of its float inputs and
 of every trainable variable, and its weights and loss after one `fit` step
-are compared element by element with the reference.
+are compared element by element with the reference. The inference output
+and the training pass are compared twice: on DTensors, and with row-wise
+layers run on local tensors (NOTE [local calls]), which every case with
+such a layer must do under `DataParallel`.
 
 With `KERAS_TORCH_PARITY_REPORT=<file>`, the test also records its results
 there for docs/parity.md (see `parity_report`).
@@ -24,6 +27,8 @@ WORKER = "layer_sweep.py"
 TIMEOUT = 600
 REPORT = os.environ.get("KERAS_TORCH_PARITY_REPORT")
 # Each strategy's column in the report, and its number of ranks.
+# Recorded per case, not compared with the reference.
+NOT_COMPARED = ("/seconds", "/family", "/local_calls", "/local_expected")
 STRATEGIES = {
     "data": ("DataParallel, 2 ranks", 2),
     "model": ("ModelParallel (1, 2)", 2),
@@ -60,8 +65,7 @@ def _compared_keys(reference, case):
     return [
         key
         for key in reference
-        if key.startswith(f"{case}/")
-        and not key.endswith(("/seconds", "/family"))
+        if key.startswith(f"{case}/") and not key.endswith(NOT_COMPARED)
     ]
 
 
@@ -77,7 +81,7 @@ def check_case(results, reference, strategy, case):
     recorded = {
         key[len(strategy) + 1 :]
         for key in results[0]
-        if key.startswith(prefix) and not key.endswith(("/seconds", "/family"))
+        if key.startswith(prefix) and not key.endswith(NOT_COMPARED)
     }
     assert recorded == set(keys), (strategy, case, recorded ^ set(keys))
     worst, used = 0.0, 0.0
@@ -128,6 +132,25 @@ def test_every_layer_matches_single_process(runs, strategy):
     if REPORT:
         _write_report(strategy, reference, rows, failures)
     assert not failures, "\n".join(failures)
+
+
+def test_row_wise_layers_run_on_local_tensors(runs):
+    """Under `DataParallel`, every case with a row-wise layer ran some call
+    on local tensors (NOTE [local calls]), and enough cases have one."""
+    reference, distributed = runs
+    results = distributed["data"][0]
+    expected = [
+        case
+        for case in _cases(reference)
+        if bool(results.get(f"data/{case}/local_expected", False))
+    ]
+    assert len(expected) >= 40, expected
+    missed = [
+        case
+        for case in expected
+        if int(results[f"data/{case}/local_calls"]) == 0
+    ]
+    assert not missed, missed
 
 
 def _write_report(strategy, reference, rows, failures):

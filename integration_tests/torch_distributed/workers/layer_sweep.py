@@ -16,6 +16,13 @@ float inputs and of every trainable variable; and, for a case with
 trainable variables, the loss of one `fit` step with SGD and every
 variable after it (moving statistics included). A case that raises records
 its error instead, so one failure does not hide the rest.
+
+The inference output and the training pass are recorded twice: as the
+model is first called, on DTensors, and again (keys `local_...`) once the
+hooks `fit` installs are in place, with row-wise layers run on each rank's
+own rows (NOTE [local calls] in `local_calls`). `local_calls` records how
+many calls ran so, and `local_expected` whether the model has a row-wise
+layer.
 """
 
 import time
@@ -29,6 +36,7 @@ import numpy as np
 import torch
 
 import keras
+from keras.src.backend.torch import local_calls
 
 BATCH = 7
 
@@ -105,6 +113,26 @@ def _training_pass(model, case, arrays, weight):
     return results
 
 
+def _local_passes(model, case, arrays, weight):
+    """The inference output and training pass again, with the hooks of NOTE
+    [local calls] installed (as `fit` installs them)."""
+    if common.is_distributed():
+        local_calls.install(model)
+    before = local_calls.local_call_count()
+    out = _call(model, [common.shard_global_batch(a) for a in arrays])
+    results = {"local_out": keras.ops.convert_to_numpy(out)}
+    for key, value in _training_pass(model, case, arrays, weight).items():
+        results[f"local_{key}"] = value
+    results["local_calls"] = np.array(local_calls.local_call_count() - before)
+    results["local_expected"] = np.array(
+        any(
+            local_calls.is_row_wise(layer)
+            for layer in model._flatten_layers(include_self=False)
+        )
+    )
+    return results
+
+
 def run_case(case, init_dir):
     model = _build(case)
     slug = "".join(c if c.isalnum() else "_" for c in case.name)
@@ -115,6 +143,7 @@ def run_case(case, init_dir):
     results["out"] = keras.ops.convert_to_numpy(out)
     weight = rng.normal(size=tuple(out.shape)).astype("float32")
     results.update(_training_pass(model, case, arrays, weight))
+    results.update(_local_passes(model, case, arrays, weight))
     if case.fit and model.trainable_variables:
         target = rng.normal(size=tuple(out.shape)).astype("float32")
         model.compile(keras.optimizers.SGD(0.1), "mse")

@@ -28,8 +28,10 @@ take no collective and are safe when only some ranks evaluate or predict.
 
 Once the checks pass, `check_model` also installs the per-layer gathers of
 FSDP-style variables (NOTE [layer gathers] in `layer_gathers`) when the
-distribution shards the batch: it is the one place that sees every model
-before its first step. That installs hooks only; it takes no collective.
+distribution shards the batch, and the local calls of row-wise layers
+(NOTE [local calls] in `local_calls`): it is the one place that sees every
+model before its first step. That installs hooks only; it takes no
+collective.
 """
 
 import torch
@@ -37,6 +39,7 @@ import torch
 from keras.src.backend.torch import distribution_lib
 from keras.src.backend.torch import layer_gathers
 from keras.src.backend.torch import layout_map_checks
+from keras.src.backend.torch import local_calls
 from keras.src.backend.torch import process_group
 
 # How many variable paths a message lists.
@@ -124,7 +127,8 @@ def _check_ranks_agree(model):
 def check_model(model, purpose):
     """Check `model` under the active distribution; see the module doc.
 
-    Then install `layer_gathers` on it (see the module doc).
+    Then install `layer_gathers` and `local_calls` on it (see the module
+    doc).
 
     Args:
         model: The model whose train, test or predict function is made.
@@ -141,3 +145,4 @@ def check_model(model, purpose):
     batch_dim_name = getattr(distribution, "batch_dim_name", None)
     if batch_dim_name is not None:
         layer_gathers.install(model, batch_dim_name)
+    local_calls.install(model)

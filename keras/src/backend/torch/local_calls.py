@@ -1,0 +1,382 @@
+"""Layers that work row by row, run on each rank's own rows.
+
+Under a distribution every value is a DTensor, and every op on one goes
+through DTensor's dispatch: sharding propagation, a wrapper for each
+result, its autograd. That is what gives one process's numbers for layers
+that read the whole batch (batch statistics, a mean over it, uneven last
+batches); on a `DataParallel` transformer it was most of the CPU time a
+rank spent beyond one process's (benchmarks/README.md).
+
+NOTE [local calls]: a layer whose output row `i` depends only on input row
+`i` and on its weights (a `Dense`, a `LayerNormalization`, attention
+without dropout: the classes `_row_wise_classes` lists, by exact type,
+since a subclass may change `call`; not quantized, since a float8 layer
+scales by the largest input in the batch) gives the same rows whether it
+sees the whole batch or a rank's piece of it. When such a layer is called
+with inputs that are all DTensors sharded over the batch (dimension 0) or
+replicated, laid out alike, and all its variables are replicated (a
+`DataParallel` model; the norms of a Megatron layout; FSDP-style variables
+once their unit has gathered them, NOTE [layer gathers]), a forward
+pre-hook hands its `call` the local tensors instead: the inputs' local pieces
+(their Keras masks with them) and the variables' local values
+(`variable._value` swapped until the call returns, as the gathers do). The
+layer then runs as it does in one process, on plain tensors, with none of
+DTensor's cost, and a forward hook wraps its outputs back as DTensors laid
+out as the inputs were (the global batch size given, so uneven pieces stay
+right).
+
+Gradients stay exact. The inputs' pieces get their gradients back through
+`to_local`; each variable's local value is taken with `to_local(
+grad_placements=...)` `Partial` over the mesh axes the batch is sharded
+on: each rank's gradient is the sum over its own rows, the layout DTensor
+gives the same gradient, which `distributed_gradients` (or an FSDP-style
+unit's reduce-scatter) reduces as before.
+
+Any other call runs on DTensors as before: a layer not listed (or
+one whose configuration reads across rows, such as attention with
+dropout, whose random draws DTensor keeps the same as one process's), a
+variable sharded or not a DTensor, a plain tensor among the inputs,
+inputs laid out differently, a stateless scope or a symbolic call, and
+compiled steps (`jit_compile=True`, where DTensor's cost is compiled
+away). Sublayers of a layer that runs locally see plain tensors and run
+as they are. The hooks are installed when `fit`, `evaluate` or `predict`
+makes its step (`distribution_checks.check_model`); a model called before
+that runs on DTensors. `KERAS_TORCH_LOCAL_CALLS=0` turns them off.
+"""
+
+import os
+import weakref
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import Partial
+from torch.distributed.tensor import Replicate
+
+from keras.src.backend.common import stateless_scope
+from keras.src.backend.common.keras_tensor import KerasTensor
+from keras.src.backend.torch import dtensor_utils
+from keras.src.backend.torch import torch_internals
+
+ENV = "KERAS_TORCH_LOCAL_CALLS"
+
+# Layer -> its `_Layer` record; weak so models can be freed.
+_records = weakref.WeakKeyDictionary()
+# Layers whose hooks are registered (once each).
+_hooked = weakref.WeakSet()
+
+
+def _row_wise_classes():
+    """The layer classes whose output rows depend on their input rows only,
+    each with a check of its configuration (None: always)."""
+    from keras.src import layers
+
+    def no_dropout(layer):
+        return not getattr(layer, "_dropout", 0.0) and not getattr(
+            layer, "dropout", 0.0
+        )
+
+    def keeps_batch(layer):
+        return _einsum_keeps_batch(layer.equation)
+
+    def not_on_batch(layer):
+        # A negative axis other than -1 may be the batch's on some input.
+        return layer.axis >= 1 or layer.axis == -1
+
+    classes = {
+        layers.Dense: None,
+        layers.EinsumDense: keeps_batch,
+        layers.Embedding: None,
+        layers.LayerNormalization: None,
+        layers.RMSNormalization: None,
+        layers.GroupNormalization: None,
+        layers.UnitNormalization: None,
+        layers.Activation: None,
+        layers.ReLU: None,
+        layers.LeakyReLU: None,
+        layers.ELU: None,
+        layers.PReLU: None,
+        layers.Softmax: None,
+        layers.MultiHeadAttention: no_dropout,
+        layers.GroupedQueryAttention: no_dropout,
+        layers.Conv1D: None,
+        layers.Conv2D: None,
+        layers.Conv3D: None,
+        layers.DepthwiseConv1D: None,
+        layers.DepthwiseConv2D: None,
+        layers.SeparableConv1D: None,
+        layers.SeparableConv2D: None,
+        layers.Conv1DTranspose: None,
+        layers.Conv2DTranspose: None,
+        layers.Conv3DTranspose: None,
+        layers.MaxPooling1D: None,
+        layers.MaxPooling2D: None,
+        layers.MaxPooling3D: None,
+        layers.AveragePooling1D: None,
+        layers.AveragePooling2D: None,
+        layers.AveragePooling3D: None,
+        layers.GlobalAveragePooling1D: None,
+        layers.GlobalAveragePooling2D: None,
+        layers.GlobalAveragePooling3D: None,
+        layers.GlobalMaxPooling1D: None,
+        layers.GlobalMaxPooling2D: None,
+        layers.GlobalMaxPooling3D: None,
+        layers.Flatten: None,
+        layers.Reshape: None,
+        layers.Add: None,
+        layers.Subtract: None,
+        layers.Multiply: None,
+        layers.Average: None,
+        layers.Maximum: None,
+        layers.Minimum: None,
+        layers.Concatenate: not_on_batch,
+    }
+    return classes
+
+
+def _einsum_keeps_batch(equation):
+    """Whether an `EinsumDense` equation keeps the input's first dimension
+    as the output's first, untouched by the kernel."""
+    inputs, output = equation.replace(" ", "").split("->")
+    x, kernel = inputs.split(",")
+    if x.startswith("...") and output.startswith("..."):
+        return True
+    return bool(x) and output[:1] == x[:1] and x[0] not in kernel
+
+
+_classes = None
+# Calls run on local tensors so far (`local_call_count`).
+_count = 0
+
+
+def is_row_wise(layer):
+    """Whether `layer` is of a class, and configured, to compute each
+    output row from its input row alone (NOTE [local calls])."""
+    global _classes
+    if _classes is None:
+        _classes = _row_wise_classes()
+    cls = type(layer)
+    if cls not in _classes:
+        return False
+    if getattr(layer, "quantization_mode", None) is not None:
+        return False
+    check = _classes[cls]
+    return check is None or bool(check(layer))
+
+
+def local_call_count():
+    """How many layer calls have run on local tensors in this process (for
+    tests and benchmarks)."""
+    return _count
+
+
+def enabled():
+    return os.environ.get(ENV, "1") not in ("0", "false", "False")
+
+
+class _Call:
+    """What one local call changed: to undo, and to wrap its outputs."""
+
+    def __init__(self, mesh, placements, batch, swapped, inputs):
+        self.mesh = mesh
+        self.placements = placements
+        self.batch = batch
+        self.swapped = swapped
+        self.inputs = inputs
+
+
+class _Layer:
+    """A row-wise layer's variables, and its calls in progress."""
+
+    def __init__(self, layer):
+        self.variables = list(layer.variables)
+        # One entry per call in progress: a `_Call`, or None when the call
+        # runs on DTensors.
+        self.calls = []
+
+
+def _layout(args, kwargs):
+    """The inputs' common `(mesh, placements, global batch)`, or None when
+    they are not all DTensors laid out alike, batch-sharded or replicated.
+    """
+    found = None
+    for x in _tensors((args, kwargs)):
+        if not isinstance(x, DTensor) or x.ndim == 0:
+            return None
+        placements = x.placements
+        if found is None:
+            for p in placements:
+                if not (p.is_replicate() or (p.is_shard() and p.dim == 0)):
+                    return None
+            found = (x.device_mesh, placements, x.shape[0])
+        elif (
+            x.device_mesh != found[0]
+            or placements != found[1]
+            or x.shape[0] != found[2]
+        ):
+            return None
+        mask = getattr(x, "_keras_mask", None)
+        if mask is not None and (
+            not isinstance(mask, DTensor)
+            or mask.placements != placements
+            or mask.shape[:1] != x.shape[:1]
+        ):
+            return None
+    return found
+
+
+def _tensors(structure):
+    if isinstance(structure, torch.Tensor):
+        yield structure
+    elif isinstance(structure, (list, tuple)):
+        for item in structure:
+            yield from _tensors(item)
+    elif isinstance(structure, dict):
+        for item in structure.values():
+            yield from _tensors(item)
+    elif isinstance(structure, KerasTensor):
+        # A symbolic call: never local.
+        yield structure
+
+
+def _map(fn, structure):
+    if isinstance(structure, torch.Tensor):
+        return fn(structure)
+    if isinstance(structure, list):
+        return [_map(fn, item) for item in structure]
+    if isinstance(structure, tuple):
+        return tuple(_map(fn, item) for item in structure)
+    if isinstance(structure, dict):
+        return {key: _map(fn, item) for key, item in structure.items()}
+    return structure
+
+
+def _variables_local(record, mesh, grad_placements):
+    """Swap each variable's value for its local one; None if a variable
+    is not replicated on `mesh`."""
+    values = []
+    for variable in record.variables:
+        value = variable._value
+        if isinstance(value, DTensor):
+            if value.device_mesh != mesh or not all(
+                p.is_replicate() for p in value.placements
+            ):
+                return None
+        elif isinstance(value, torch.Tensor) and value.requires_grad:
+            return None
+        values.append(value)
+    swapped = []
+    for variable, value in zip(record.variables, values):
+        if isinstance(value, DTensor):
+            if value.requires_grad:
+                local = value.to_local(grad_placements=grad_placements)
+            else:
+                local = torch_internals.local_tensor(value)
+            variable._value = local
+            swapped.append((variable, value))
+    return swapped
+
+
+def _before_call(layer, args, kwargs):
+    if torch.compiler.is_compiling():
+        return None
+    record = _records.get(layer)
+    if record is None:
+        return None
+    record.calls.append(None)
+    if stateless_scope.in_stateless_scope():
+        return None
+    layout = _layout(args, kwargs)
+    if layout is None:
+        return None
+    mesh, placements, batch = layout
+    grad_placements = tuple(
+        Partial("sum") if p.is_shard() else Replicate() for p in placements
+    )
+    swapped = _variables_local(record, mesh, grad_placements)
+    if swapped is None:
+        return None
+    inputs = []
+
+    def local(x):
+        piece = x.to_local()
+        mask = getattr(x, "_keras_mask", None)
+        if mask is not None:
+            piece._keras_mask = mask.to_local()
+        inputs.append((x, piece))
+        return piece
+
+    args, kwargs = _map(local, args), _map(local, kwargs)
+    global _count
+    _count += 1
+    record.calls[-1] = _Call(mesh, placements, batch, swapped, inputs)
+    return args, kwargs
+
+
+def _after_call(layer, args, kwargs, output):
+    if torch.compiler.is_compiling():
+        return None
+    record = _records.get(layer)
+    if record is None or not record.calls:
+        return None
+    call = record.calls.pop()
+    if call is None:
+        return None
+    for variable, value in call.swapped:
+        variable._value = value
+    # A layer may drop its inputs' masks (attention does): as it would have
+    # on one process's tensors.
+    for x, piece in call.inputs:
+        if getattr(x, "_keras_mask", None) is not None and (
+            getattr(piece, "_keras_mask", None) is None
+        ):
+            x._keras_mask = None
+    if output is None:
+        return None
+    rows = call.inputs[0][1].shape[0]
+
+    def wrap(y):
+        if y.ndim == 0 or y.shape[0] != rows:
+            # A bug in `_row_wise_classes`, not the user's.
+            raise AssertionError(
+                f"Layer '{layer.name}' ({type(layer).__name__}) ran on this "
+                f"rank's {rows} rows and returned a tensor of shape "
+                f"{tuple(y.shape)}, whose first dimension is not those rows. "
+                "Its outputs cannot be laid out as its inputs were. Set "
+                f"{ENV}=0 to run it on DTensors, and report this."
+            )
+        shape = (call.batch, *y.shape[1:])
+        result = dtensor_utils.from_local(y, call.mesh, call.placements, shape)
+        mask = getattr(y, "_keras_mask", None)
+        if mask is not None and not isinstance(mask, DTensor):
+            result._keras_mask = dtensor_utils.from_local(
+                mask, call.mesh, call.placements, (call.batch, *mask.shape[1:])
+            )
+        return result
+
+    return _map(wrap, output)
+
+
+def install(model):
+    """Run the row-wise layers of `model` on local tensors when they can.
+
+    See NOTE [local calls]. Idempotent: each layer's hooks are registered
+    once, its variables listed again each time.
+
+    Args:
+        model: A built Keras model.
+    """
+    if not enabled():
+        return
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if not is_row_wise(layer):
+            _records.pop(layer, None)
+            continue
+        if layer not in _hooked:
+            _hooked.add(layer)
+            layer.register_forward_pre_hook(_before_call, with_kwargs=True)
+            # Before any other forward hook (the FSDP-style gathers'
+            # restore): the variables are swapped back in reverse order.
+            layer.register_forward_hook(
+                _after_call, with_kwargs=True, always_call=True, prepend=True
+            )
+        _records[layer] = _Layer(layer)
