@@ -31,8 +31,8 @@ BAD_INPUTS = {
     "ranks_build_different_models": "rank 1: variable "
     "'sequential/dense_2/kernel'",
     "ranks_run_layers_in_different_orders": "gradients (by position in "
-    "the model's trainable variables): rank 0 has [3, 2, 1, 0], rank 1 "
-    "has [1, 0, 3, 2]",
+    "the model's trainable variables): rank 0 has [2, 3, 0, 1], rank 1 "
+    "has [0, 1, 2, 3]",
     "ranks_read_different_batch_sizes": "the same number of batches per "
     "epoch, but they differ: rank 0 has 2, rank 1 has 4",
     "ranks_read_different_numbers_of_batches": "the same number of "

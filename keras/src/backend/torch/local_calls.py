@@ -25,12 +25,16 @@ DTensor's cost, and a forward hook wraps its outputs back as DTensors laid
 out as the inputs were (the global batch size given, so uneven pieces stay
 right).
 
-Gradients stay exact. The inputs' pieces get their gradients back through
-`to_local`; each variable's local value is taken with `to_local(
-grad_placements=...)` `Partial` over the mesh axes the batch is sharded
-on: each rank's gradient is the sum over its own rows, the layout DTensor
-gives the same gradient, which `distributed_gradients` (or an FSDP-style
-unit's reduce-scatter) reduces as before.
+Gradients stay exact. One autograd node (`_ToLocal`) takes a call's
+inputs and variables to local tensors, and hands each local gradient back
+as a DTensor: an input's laid out as the input, a variable's `Partial` over
+the mesh axes the batch is sharded on (each rank's sum over its own rows,
+the gradient DTensor itself gives), which `distributed_gradients` (or an
+FSDP-style unit's reduce-scatter) reduces as before. One more
+(`_FromLocal`) wraps the outputs, and lays their gradients out as the
+outputs before taking their local pieces. One node each way, not
+DTensor's `to_local`/`from_local` per tensor: those cost more, per call,
+than the DTensor ops they replaced in a `Dense`.
 
 Any other call runs on DTensors as before: a layer not listed (or
 one whose configuration reads across rows, such as attention with
@@ -59,10 +63,9 @@ from keras.src.backend.torch import torch_internals
 
 ENV = "KERAS_TORCH_LOCAL_CALLS"
 
-# Layer -> its `_Layer` record; weak so models can be freed.
+# Hooked layer -> its `_Layer` record (hooks registered once); weak so
+# models can be freed.
 _records = weakref.WeakKeyDictionary()
-# Layers whose hooks are registered (once each).
-_hooked = weakref.WeakSet()
 
 
 def _row_wise_classes():
@@ -170,6 +173,8 @@ def local_call_count():
 
 
 def enabled():
+    """Whether `install` hooks layers (`KERAS_TORCH_LOCAL_CALLS`, default
+    on)."""
     return os.environ.get(ENV, "1") not in ("0", "false", "False")
 
 
@@ -185,10 +190,9 @@ class _Call:
 
 
 class _Layer:
-    """A row-wise layer's variables, and its calls in progress."""
+    """A hooked layer's calls in progress."""
 
-    def __init__(self, layer):
-        self.variables = list(layer.variables)
+    def __init__(self):
         # One entry per call in progress: a `_Call`, or None when the call
         # runs on DTensors.
         self.calls = []
@@ -250,11 +254,122 @@ def _map(fn, structure):
     return structure
 
 
-def _variables_local(record, mesh, grad_placements):
-    """Swap each variable's value for its local one; None if a variable
-    is not replicated on `mesh`."""
+class _ToLocal(torch.autograd.Function):
+    """DTensors to views of their local tensors, in one autograd node.
+
+    `specs[i]` is `(mesh, placements, shape, stride)` of the gradient the
+    i-th DTensor gets back: each local gradient is wrapped as that DTensor,
+    without DTensor's per-tensor autograd functions.
+    """
+
+    @staticmethod
+    def forward(ctx, specs, *dtensors):
+        ctx.specs = specs
+        # Views: the local tensors themselves belong to the DTensors.
+        return tuple(
+            torch_internals.local_tensor(x).view_as(
+                torch_internals.local_tensor(x)
+            )
+            for x in dtensors
+        )
+
+    @staticmethod
+    def backward(ctx, *grads):
+        results = [None]
+        for needed, spec, grad in zip(
+            ctx.needs_input_grad[1:], ctx.specs, grads
+        ):
+            if not needed or grad is None:
+                results.append(None)
+                continue
+            results.append(
+                torch_internals.dtensor_without_autograd(grad, *spec)
+            )
+        return tuple(results)
+
+
+class _FromLocal(torch.autograd.Function):
+    """Local tensors to DTensors of `specs` (`(mesh, placements, shape,
+    stride)` each), in one autograd node; their gradients are laid out as
+    the DTensors and handed back as local tensors."""
+
+    @staticmethod
+    def forward(ctx, specs, *locals_):
+        ctx.specs = specs
+        return tuple(
+            torch_internals.dtensor_without_autograd(y.view_as(y), *spec)
+            for y, spec in zip(locals_, specs)
+        )
+
+    @staticmethod
+    def backward(ctx, *grads):
+        results = [None]
+        for spec, grad in zip(ctx.specs, grads):
+            if grad is None:
+                results.append(None)
+                continue
+            mesh, placements, shape, stride = spec
+            if not isinstance(grad, DTensor):
+                # A plain gradient is a full value, the same on every rank.
+                grad = torch_internals.dtensor_without_autograd(
+                    grad, mesh, (Replicate(),) * mesh.ndim, shape, stride
+                )
+            if tuple(grad.placements) != tuple(placements):
+                grad = grad.redistribute(mesh, placements)
+            results.append(torch_internals.local_tensor(grad))
+        return tuple(results)
+
+
+def _to_local(dtensors, grad_specs):
+    """Local views of `dtensors`, one autograd node for those that need
+    gradients (`grad_specs`: the layout each gradient goes back in)."""
+    locals_ = [None] * len(dtensors)
+    tracked = []
+    for i, x in enumerate(dtensors):
+        if x.requires_grad and torch.is_grad_enabled():
+            tracked.append(i)
+        else:
+            locals_[i] = torch_internals.local_tensor(x)
+    if tracked:
+        pieces = _ToLocal.apply(
+            tuple(grad_specs[i] for i in tracked),
+            *(dtensors[i] for i in tracked),
+        )
+        for i, piece in zip(tracked, pieces):
+            locals_[i] = piece
+    return locals_
+
+
+def _from_local(locals_, specs):
+    """DTensors of `specs` over `locals_`, one autograd node for those that
+    require gradients."""
+    results = [None] * len(locals_)
+    tracked = []
+    for i, y in enumerate(locals_):
+        if y.requires_grad:
+            tracked.append(i)
+        else:
+            results[i] = torch_internals.dtensor_without_autograd(y, *specs[i])
+    if tracked:
+        wrapped = _FromLocal.apply(
+            tuple(specs[i] for i in tracked), *(locals_[i] for i in tracked)
+        )
+        for i, y in zip(tracked, wrapped):
+            results[i] = y
+    return results
+
+
+def _spec(x, placements=None):
+    placements = tuple(x.placements) if placements is None else placements
+    return (x.device_mesh, placements, x.shape, x.stride())
+
+
+def _replicated_values(variables, mesh):
+    """The variables' values, or None if one is not replicated on `mesh`
+    (a plain tensor that needs no gradient is as good: the same on every
+    rank)."""
     values = []
-    for variable in record.variables:
+    for variable in variables:
         value = variable._value
         if isinstance(value, DTensor):
             if value.device_mesh != mesh or not all(
@@ -264,16 +379,7 @@ def _variables_local(record, mesh, grad_placements):
         elif isinstance(value, torch.Tensor) and value.requires_grad:
             return None
         values.append(value)
-    swapped = []
-    for variable, value in zip(record.variables, values):
-        if isinstance(value, DTensor):
-            if value.requires_grad:
-                local = value.to_local(grad_placements=grad_placements)
-            else:
-                local = torch_internals.local_tensor(value)
-            variable._value = local
-            swapped.append((variable, value))
-    return swapped
+    return values
 
 
 def _before_call(layer, args, kwargs):
@@ -283,32 +389,48 @@ def _before_call(layer, args, kwargs):
     if record is None:
         return None
     record.calls.append(None)
-    if stateless_scope.in_stateless_scope():
+    if stateless_scope.in_stateless_scope() or not is_row_wise(layer):
         return None
     layout = _layout(args, kwargs)
     if layout is None:
         return None
     mesh, placements, batch = layout
+    # Listed at each call: a layer built in its first step, or given
+    # variables later, is read as it is now.
+    variables = layer.variables
+    values = _replicated_values(variables, mesh)
+    if values is None:
+        return None
+    # Each variable's gradient: this rank's sum over its rows.
     grad_placements = tuple(
         Partial("sum") if p.is_shard() else Replicate() for p in placements
     )
-    swapped = _variables_local(record, mesh, grad_placements)
-    if swapped is None:
-        return None
-    inputs = []
-
-    def local(x):
-        piece = x.to_local()
+    # Each tensor once (attention takes the same one as query and value).
+    inputs = list({id(x): x for x in _tensors((args, kwargs))}.values())
+    swapped = [
+        (variable, value)
+        for variable, value in zip(variables, values)
+        if isinstance(value, DTensor)
+    ]
+    pieces = _to_local(
+        inputs + [value for _, value in swapped],
+        [_spec(x) for x in inputs]
+        + [_spec(value, grad_placements) for _, value in swapped],
+    )
+    for (variable, _), piece in zip(swapped, pieces[len(inputs) :]):
+        variable._value = piece
+    pieces = pieces[: len(inputs)]
+    for x, piece in zip(inputs, pieces):
         mask = getattr(x, "_keras_mask", None)
         if mask is not None:
-            piece._keras_mask = mask.to_local()
-        inputs.append((x, piece))
-        return piece
-
-    args, kwargs = _map(local, args), _map(local, kwargs)
+            piece._keras_mask = torch_internals.local_tensor(mask)
+    by_id = {id(x): piece for x, piece in zip(inputs, pieces)}
+    args, kwargs = _map(lambda x: by_id[id(x)], (args, kwargs))
     global _count
     _count += 1
-    record.calls[-1] = _Call(mesh, placements, batch, swapped, inputs)
+    record.calls[-1] = _Call(
+        mesh, placements, batch, swapped, list(zip(inputs, pieces))
+    )
     return args, kwargs
 
 
@@ -333,50 +455,62 @@ def _after_call(layer, args, kwargs, output):
     if output is None:
         return None
     rows = call.inputs[0][1].shape[0]
-
-    def wrap(y):
-        if y.ndim == 0 or y.shape[0] != rows:
-            # A bug in `_row_wise_classes`, not the user's.
+    outputs = list(_tensors(output))
+    for y in outputs:
+        if y.ndim == 0 or y.shape[0] != rows or isinstance(y, DTensor):
+            # A bug in `_row_wise_classes`, not the user's: the call read
+            # rows of other ranks, or met a DTensor it was not given.
+            kind = "DTensor" if isinstance(y, DTensor) else "tensor"
             raise AssertionError(
                 f"Layer '{layer.name}' ({type(layer).__name__}) ran on this "
-                f"rank's {rows} rows and returned a tensor of shape "
-                f"{tuple(y.shape)}, whose first dimension is not those rows. "
-                "Its outputs cannot be laid out as its inputs were. Set "
+                f"rank's {rows} rows and returned a {kind} of shape "
+                f"{tuple(y.shape)}, where a plain tensor with those rows "
+                "first was expected. Set "
                 f"{ENV}=0 to run it on DTensors, and report this."
             )
-        shape = (call.batch, *y.shape[1:])
-        result = dtensor_utils.from_local(y, call.mesh, call.placements, shape)
-        mask = getattr(y, "_keras_mask", None)
+    masks = [getattr(y, "_keras_mask", None) for y in outputs]
+    wrapped = _from_local(outputs, [_global_spec(y, call) for y in outputs])
+    for result, mask in zip(wrapped, masks):
         if mask is not None and not isinstance(mask, DTensor):
-            result._keras_mask = dtensor_utils.from_local(
-                mask, call.mesh, call.placements, (call.batch, *mask.shape[1:])
+            (result._keras_mask,) = _from_local(
+                [mask], [_global_spec(mask, call)]
             )
-        return result
+    by_id = {id(y): result for y, result in zip(outputs, wrapped)}
+    return _map(lambda y: by_id[id(y)], output)
 
-    return _map(wrap, output)
+
+def _global_spec(local, call):
+    shape = torch.Size((call.batch, *local.shape[1:]))
+    return (
+        call.mesh,
+        call.placements,
+        shape,
+        dtensor_utils.contiguous_stride(shape),
+    )
 
 
 def install(model):
     """Run the row-wise layers of `model` on local tensors when they can.
 
     See NOTE [local calls]. Idempotent: each layer's hooks are registered
-    once, its variables listed again each time.
+    once. Whether a call runs locally is decided at the call, from the
+    layer's configuration, variables and inputs then.
 
     Args:
         model: A built Keras model.
     """
     if not enabled():
         return
+    global _classes
+    if _classes is None:
+        _classes = _row_wise_classes()
     for layer in model._flatten_layers(include_self=False, recursive=True):
-        if not is_row_wise(layer):
-            _records.pop(layer, None)
+        if type(layer) not in _classes or layer in _records:
             continue
-        if layer not in _hooked:
-            _hooked.add(layer)
-            layer.register_forward_pre_hook(_before_call, with_kwargs=True)
-            # Before any other forward hook (the FSDP-style gathers'
-            # restore): the variables are swapped back in reverse order.
-            layer.register_forward_hook(
-                _after_call, with_kwargs=True, always_call=True, prepend=True
-            )
-        _records[layer] = _Layer(layer)
+        _records[layer] = _Layer()
+        layer.register_forward_pre_hook(_before_call, with_kwargs=True)
+        # Before any other forward hook (the FSDP-style gathers' restore):
+        # the variables are swapped back in reverse order.
+        layer.register_forward_hook(
+            _after_call, with_kwargs=True, always_call=True, prepend=True
+        )
