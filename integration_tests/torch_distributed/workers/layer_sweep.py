@@ -21,8 +21,8 @@ The inference output and the training pass are recorded twice: as the
 model is first called, on DTensors, and again (keys `local_...`) once the
 hooks `fit` installs are in place, with row-wise layers run on each rank's
 own rows (NOTE [local calls] in `local_calls`). `local_calls` records how
-many calls ran so, and `local_expected` whether the model has a row-wise
-layer.
+many calls ran so, `local_expected` how many of the model's layers are
+row-wise, and `local_missed` the names of those that never ran locally.
 """
 
 import time
@@ -124,10 +124,17 @@ def _local_passes(model, case, arrays, weight):
     for key, value in _training_pass(model, case, arrays, weight).items():
         results[f"local_{key}"] = value
     results["local_calls"] = np.array(local_calls.local_call_count() - before)
-    results["local_expected"] = np.array(
-        any(
-            local_calls.is_row_wise(layer)
-            for layer in model._flatten_layers(include_self=False)
+    # The model's own row-wise layers (sublayers run inside them), and
+    # those of them that never ran locally.
+    row_wise = [
+        layer for layer in model.layers if local_calls.is_row_wise(layer)
+    ]
+    results["local_expected"] = np.array(len(row_wise))
+    results["local_missed"] = np.array(
+        " ".join(
+            layer.name
+            for layer in row_wise
+            if local_calls.local_call_count(layer) == 0
         )
     )
     return results

@@ -166,10 +166,13 @@ def is_row_wise(layer):
     return check is None or bool(check(layer))
 
 
-def local_call_count():
-    """How many layer calls have run on local tensors in this process (for
-    tests and benchmarks)."""
-    return _count
+def local_call_count(layer=None):
+    """How many layer calls have run on local tensors in this process, or
+    calls of `layer` (for tests and benchmarks)."""
+    if layer is None:
+        return _count
+    record = _records.get(layer)
+    return 0 if record is None else record.local_calls
 
 
 def enabled():
@@ -190,12 +193,13 @@ class _Call:
 
 
 class _Layer:
-    """A hooked layer's calls in progress."""
+    """A hooked layer's calls in progress, and how many ran locally."""
 
     def __init__(self):
         # One entry per call in progress: a `_Call`, or None when the call
         # runs on DTensors.
         self.calls = []
+        self.local_calls = 0
 
 
 def _layout(args, kwargs):
@@ -428,6 +432,7 @@ def _before_call(layer, args, kwargs):
     args, kwargs = _map(lambda x: by_id[id(x)], (args, kwargs))
     global _count
     _count += 1
+    record.local_calls += 1
     record.calls[-1] = _Call(
         mesh, placements, batch, swapped, list(zip(inputs, pieces))
     )
