@@ -7,7 +7,8 @@
 `ShardedCheckpoint` writes each process's shards of the model and of the
 optimizer at the end of every epoch (`torch.distributed.checkpoint`);
 `resume=True` restores the newest one when `fit` begins. With `--crash`,
-process 1 kills itself in epoch 3 of the first attempt; torchrun
+process 1 kills itself in epoch 3 of the first attempt, once the
+checkpoint of epoch 2 is on disk; torchrun
 (`--max-restarts 1`) starts the processes again, and they go on from the
 end of epoch 2. Run it without `--crash` (and another `--dir`) to compare:
 the final loss is the same.
@@ -21,6 +22,7 @@ from pathlib import Path
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import numpy as np  # noqa: E402
+import torch.distributed  # noqa: E402
 
 import keras  # noqa: E402
 from keras import layers  # noqa: E402
@@ -29,18 +31,27 @@ EPOCHS = 4
 
 
 class CrashInEpoch3(keras.callbacks.Callback):
-    """Kills process 1 in the middle of epoch 3, once."""
+    """Kills process 1 in the middle of epoch 3 of the first attempt.
 
-    def __init__(self, marker):
+    It first waits, on every process, for the checkpoint of epoch 2 to be
+    complete on disk: `ShardedCheckpoint` writes in the background, and a
+    crash before a save is complete resumes from the one before it.
+    """
+
+    def __init__(self, checkpoint):
         super().__init__()
-        self.marker = marker
+        self.checkpoint = checkpoint
 
     def on_train_batch_end(self, batch, logs=None):
         epoch_3 = self.model.optimizer.iterations.numpy() == 2 * 8 + 4
-        if epoch_3 and os.environ.get("RANK") == "1":
-            if not self.marker.exists():
-                self.marker.touch()
-                os.kill(os.getpid(), signal.SIGKILL)
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if not (epoch_3 and first_attempt):
+            return
+        self.checkpoint.wait_until_finished()
+        # Process 0 marks the checkpoint complete: wait for it too.
+        torch.distributed.barrier()
+        if os.environ.get("RANK") == "1":
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main():
@@ -69,11 +80,12 @@ def main():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(256, 16)).astype("float32")
     y = (x[:, :1] * x[:, 1:2]).astype("float32")
-    callbacks = [
-        keras.callbacks.ShardedCheckpoint(folder / "checkpoints", resume=True)
-    ]
+    checkpoint = keras.callbacks.ShardedCheckpoint(
+        folder / "checkpoints", resume=True
+    )
+    callbacks = [checkpoint]
     if args.crash:
-        callbacks.append(CrashInEpoch3(folder / "crashed"))
+        callbacks.append(CrashInEpoch3(checkpoint))
     history = model.fit(
         x, y, batch_size=32, epochs=EPOCHS, shuffle=False, callbacks=callbacks
     )
