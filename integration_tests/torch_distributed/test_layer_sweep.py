@@ -30,7 +30,6 @@ REPORT = os.environ.get("KERAS_TORCH_PARITY_REPORT")
 NOT_COMPARED = (
     "/seconds",
     "/family",
-    "/local_calls",
     "/local_expected",
     "/local_missed",
 )

@@ -55,6 +55,8 @@ MODULES = {
     "keras.src.models.model_test": "Model end to end",
     "keras.src.ops.nn_test": "torch nn.py (patched: sparse cross-entropy)",
     "keras.src.losses.losses_test": "losses on torch",
+    "keras.src.layers.core.dense_test": "Dense (patched: bias in the product)",
+    "keras.src.layers.layer_test": "torch layer.py (patched)",
 }
 
 # Packages the modules import (mostly at module level, to build inputs:

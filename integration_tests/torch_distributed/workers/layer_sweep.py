@@ -118,12 +118,10 @@ def _local_passes(model, case, arrays, weight):
     [local calls] installed (as `fit` installs them)."""
     if common.is_distributed():
         local_calls.install(model)
-    before = local_calls.local_call_count()
     out = _call(model, [common.shard_global_batch(a) for a in arrays])
     results = {"local_out": keras.ops.convert_to_numpy(out)}
     for key, value in _training_pass(model, case, arrays, weight).items():
         results[f"local_{key}"] = value
-    results["local_calls"] = np.array(local_calls.local_call_count() - before)
     # The model's own row-wise layers (sublayers run inside them), and
     # those of them that never ran locally.
     row_wise = [

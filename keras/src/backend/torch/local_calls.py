@@ -147,8 +147,6 @@ def _einsum_keeps_batch(equation):
 
 
 _classes = None
-# Calls run on local tensors so far (`local_call_count`).
-_count = 0
 
 
 def is_row_wise(layer):
@@ -166,11 +164,9 @@ def is_row_wise(layer):
     return check is None or bool(check(layer))
 
 
-def local_call_count(layer=None):
-    """How many layer calls have run on local tensors in this process, or
-    calls of `layer` (for tests and benchmarks)."""
-    if layer is None:
-        return _count
+def local_call_count(layer):
+    """How many calls of `layer` have run on local tensors (for tests and
+    benchmarks)."""
     record = _records.get(layer)
     return 0 if record is None else record.local_calls
 
@@ -430,8 +426,6 @@ def _before_call(layer, args, kwargs):
             piece._keras_mask = torch_internals.local_tensor(mask)
     by_id = {id(x): piece for x, piece in zip(inputs, pieces)}
     args, kwargs = _map(lambda x: by_id[id(x)], (args, kwargs))
-    global _count
-    _count += 1
     record.local_calls += 1
     record.calls[-1] = _Call(
         mesh, placements, batch, swapped, list(zip(inputs, pieces))
