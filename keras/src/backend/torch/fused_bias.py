@@ -2,13 +2,13 @@
 
 Keras's `Dense` computes `ops.matmul(inputs, kernel)`, then
 `ops.add(x, bias)`: on torch, a matrix product and then a second pass that
-reads and writes all of its output again. For a transformer LM's output
-layer (a vocabulary of 8192 logits a position) that second pass took as
-long as a fifth of the product itself (benchmarks/README.md, "Dense's bias
-inside the product"). `torch.addmm` adds the bias as it writes the
-product, as `torch.nn.Linear` does: `matmul_add` uses it, through the
-`_backend_matmul_add` hook that the torch backend's layer class gives
-`Dense`.
+reads and writes all of its output again. In a transformer LM's forward
+pass (an output layer of 8192 logits a position) those passes cost about
+a quarter as much as the `Dense` products themselves
+(benchmarks/README.md, "Dense's bias inside the product"). `torch.addmm`
+adds the bias as it writes the product, as `torch.nn.Linear` does:
+`matmul_add` uses it, through the `_backend_matmul_add` hook that the
+torch backend's layer class gives `Dense`.
 
 It does so only where the result is what Keras's two ops give, to
 rounding: plain tensors (a DTensor goes through `matmul` and `add`, whose
