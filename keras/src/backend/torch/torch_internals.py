@@ -85,17 +85,36 @@ def local_tensor(x):
     return x._local_tensor
 
 
+# Specs made by `dtensor_without_autograd`, by mesh (its id: the spec
+# keeps the mesh alive, so the id is not reused), placements, shape, stride
+# and dtype. A training step wraps the same few dozen layouts every step,
+# and building a spec (its shard order, its checks) cost more than the
+# DTensor itself. DTensor shares specs between tensors too (its sharding
+# propagation caches them); nothing changes one in place.
+_specs = {}
+_MAX_SPECS = 4096
+
+
 def dtensor_without_autograd(local, device_mesh, placements, shape, stride):
     """A DTensor over `local` with the given global shape and stride.
 
     Unlike `DTensor.from_local`, it records no autograd node and runs no
     check: the caller knows the layout is right.
     """
-    spec = DTensorSpec(
-        device_mesh,
-        tuple(placements),
-        tensor_meta=TensorMeta(torch.Size(shape), tuple(stride), local.dtype),
-    )
+    placements = tuple(placements)
+    shape = torch.Size(shape)
+    stride = tuple(stride)
+    key = (id(device_mesh), placements, shape, stride, local.dtype)
+    spec = _specs.get(key)
+    if spec is None or spec.mesh is not device_mesh:
+        if len(_specs) >= _MAX_SPECS:
+            _specs.clear()
+        spec = DTensorSpec(
+            device_mesh,
+            placements,
+            tensor_meta=TensorMeta(shape, stride, local.dtype),
+        )
+        _specs[key] = spec
     return DTensor(local, spec, requires_grad=False)
 
 
