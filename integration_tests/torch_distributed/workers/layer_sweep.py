@@ -20,9 +20,9 @@ its error instead, so one failure does not hide the rest.
 The inference output and the training pass are recorded twice: as the
 model is first called, on DTensors, and again (keys `local_...`) once the
 hooks `fit` installs are in place, with row-wise layers run on each rank's
-own rows (NOTE [local calls] in `local_calls`). `local_calls` records how
-many calls ran so, `local_expected` how many of the model's layers are
-row-wise, and `local_missed` the names of those that never ran locally.
+own rows (NOTE [local calls] in `local_calls`). `local_expected` records
+how many of the model's layers are row-wise, and `local_missed` the names
+of those that never ran locally.
 """
 
 import time

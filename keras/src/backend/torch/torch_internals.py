@@ -106,7 +106,7 @@ def dtensor_without_autograd(local, device_mesh, placements, shape, stride):
     stride = tuple(stride)
     key = (id(device_mesh), placements, shape, stride, local.dtype)
     spec = _specs.get(key)
-    if spec is None or spec.mesh is not device_mesh:
+    if spec is None:
         if len(_specs) >= _MAX_SPECS:
             _specs.clear()
         spec = DTensorSpec(
