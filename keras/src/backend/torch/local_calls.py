@@ -296,8 +296,11 @@ class _FromLocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, specs, *locals_):
         ctx.specs = specs
+        # Detached: a view of an input that requires grad still requires
+        # grad here, and DTensor warns when it wraps one (this node is the
+        # result's only autograd history).
         return tuple(
-            torch_internals.dtensor_without_autograd(y.view_as(y), *spec)
+            torch_internals.dtensor_without_autograd(y.detach(), *spec)
             for y, spec in zip(locals_, specs)
         )
 
