@@ -15,7 +15,14 @@ import pytest
 from integration_tests.torch_distributed import launcher
 from integration_tests.torch_distributed import parity
 
-TWO_RANKS = ["bfloat16", "float16", "conv", "fsdp", "fsdp_transformer"]
+TWO_RANKS = [
+    "bfloat16",
+    "float16",
+    "conv",
+    "fsdp",
+    "fsdp_transformer",
+    "fsdp_shared",
+]
 FOUR_RANKS = ["float16", "conv", "fsdp"]
 # Launches on 2 cores, 4 ranks at most: generous.
 TIMEOUT = 420

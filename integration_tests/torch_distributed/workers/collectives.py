@@ -14,7 +14,7 @@ ops of `torch.distributed` calls (the gradient buckets). One
 - `fsdp`: the MLP on a (2,) mesh, every variable split over "batch" on its
   first dimension (FSDP-style), and a layer whose variables are float16
   between them (NOTE [layer gathers] in `layer_gathers`: one all-gather
-  per layer and dtype).
+  per unit and dtype; these three small layers are one unit).
 
 Results per scenario: `{scenario}/{kind}` (how many collectives of that
 kind) and `{scenario}/{kind}_elements` (how many elements they took in),

@@ -31,6 +31,9 @@ on 2 ranks / on 4 ranks:
   accumulate) and from `torch.autograd.grad` (returned, never
   accumulated into `.grad`).
 - `fsdp_transformer`: the transformer sharded the same way; (2,) only.
+- `fsdp_shared`: small layers sharded the same way, one `Dense` called
+  twice: one unit (NOTE [small layers joined]), gathered again for the
+  shared layer's second call, with Adam; (2,) only.
 """
 
 import common
@@ -253,14 +256,21 @@ def conv(init):
     return results
 
 
+def _mlp_with_adam(model, results, seed, metrics=()):
+    """One pass's gradients on 7 rows, then `train` with Adam on an MSE
+    loss; returns the data and the loss."""
+    x, y = common.data(seed, (29, 8), (29, 4))
+    loss = keras.losses.MeanSquaredError()
+    results.update(gradients(model, loss, x[:7], y[:7]))
+    model.compile(_adam(), loss, metrics=list(metrics))
+    results.update(train(model, x, y))
+    return x, y, loss
+
+
 def fsdp(init):
     _distribute(models.mlp_fsdp_layout_map, _fsdp_mesh)
     model, results = _build(models.mlp_normalized_inputs, init)
-    x, y = common.data(4, (29, 8), (29, 4))
-    loss = keras.losses.MeanSquaredError()
-    results.update(gradients(model, loss, x[:7], y[:7]))
-    model.compile(_adam(), loss, metrics=["mae"])
-    results.update(train(model, x, y))
+    x, y, loss = _mlp_with_adam(model, results, 4, metrics=["mae"])
     results.update(gradients_after_fit(model, loss, x[:7], y[:7]))
     return results
 
@@ -277,6 +287,13 @@ def fsdp_transformer(init):
     return results
 
 
+def fsdp_shared(init):
+    _distribute(models.mlp_shared_layer_fsdp_layout_map, _fsdp_mesh)
+    model, results = _build(models.mlp_shared_layer, init)
+    _mlp_with_adam(model, results, 5)
+    return results
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (
@@ -286,6 +303,7 @@ SCENARIOS = {
         conv,
         fsdp,
         fsdp_transformer,
+        fsdp_shared,
     )
 }
 

@@ -82,6 +82,31 @@ def mlp_fsdp_layout_map(device_mesh, data_axis="batch", model_axis="model"):
     return layout_map
 
 
+def mlp_shared_layer():
+    """Layer norms around a `Dense` called twice (`shared`): small layers,
+    which FSDP-style layouts gather as one unit."""
+    inputs = keras.Input((8,))
+    x = layers.LayerNormalization(name="norm1")(inputs)
+    x = layers.Dense(8, activation="tanh", name="hidden")(x)
+    shared = layers.Dense(8, activation="tanh", name="shared")
+    x = shared(x)
+    x = layers.LayerNormalization(name="norm2")(x)
+    x = shared(x)
+    x = layers.LayerNormalization(name="norm3")(x)
+    outputs = layers.Dense(4, name="out")(x)
+    return keras.Model(inputs, outputs)
+
+
+def mlp_shared_layer_fsdp_layout_map(device_mesh, data_axis="batch"):
+    """Every variable of `mlp_shared_layer` split on dimension 0 over the
+    data axis."""
+    d = data_axis
+    layout_map = keras.distribution.LayoutMap(device_mesh)
+    layout_map[".*/kernel"] = (d, None)
+    layout_map[".*/(bias|gamma|beta)"] = (d,)
+    return layout_map
+
+
 def transformer_fsdp_layout_map(device_mesh, data_axis="batch"):
     """`transformer_classifier`'s variables split over the data axis (FSDP),
     each on its first dimension that 2 divides (`head/bias` has 3 rows)."""

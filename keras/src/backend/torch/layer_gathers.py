@@ -12,7 +12,8 @@ NOTE [layer gathers]: instead, `install(model)` (run when the trainer
 makes a step function) splits the model into units, as FSDP2 users wrap
 blocks with `fully_shard`: each layer directly inside a model (models are
 descended into) that holds such variables, sublayers included (a
-`MultiHeadAttention` is one unit, its four projections with it). When a
+`MultiHeadAttention` is one unit, its four projections with it), small
+layers joined to the next (NOTE [small layers joined], below). When a
 unit is called, a forward pre-hook gathers all its FSDP-style trainable
 variables with one all-gather per dtype (each rank's shards flattened,
 padded to the largest rank's, into one buffer) and the variables read as
@@ -44,6 +45,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate
 
 from keras.src import tree
+from keras.src.backend.common import global_state
 from keras.src.backend.common import stateless_scope
 from keras.src.backend.common.keras_tensor import KerasTensor
 from keras.src.backend.torch import torch_internals
@@ -272,37 +274,111 @@ def _is_gathered_here(value, axis):
 
 
 class _Unit:
-    """A layer whose FSDP-style variables are gathered together."""
+    """Layers whose FSDP-style variables are gathered together (NOTE [small
+    layers joined])."""
 
-    def __init__(self, groups):
+    def __init__(self, groups, variables_of):
         self.groups = groups
+        # Member layer's id -> its own variables among the groups' (ids:
+        # `_units` holds units weakly keyed by layer, so a unit must not
+        # keep its layers alive).
+        self.variables_of = variables_of
+        self.placements = {
+            id(piece.variable): piece.placements
+            for group in groups
+            for piece in group.pieces
+        }
         # One entry per call in progress: what it swapped.
         self.calls = []
+        # While members are still to be called after a gather: variable id
+        # -> gathered value, the members not called yet, and when the
+        # values were gathered (the pass, the grad mode).
+        self.gathered = None
+        self.waiting = None
+        self.gathered_in = None
 
-    def before_call(self, args, kwargs):
+    def before_call(self, layer, args, kwargs):
         swapped = []
         self.calls.append(swapped)
         if stateless_scope.in_stateless_scope() or _is_symbolic(args, kwargs):
             return
-        for group in self.groups:
-            parameters = [piece.variable._value for piece in group.pieces]
-            if any(
-                p.grad_fn is not None or tuple(p.placements) != piece.placements
-                for p, piece in zip(parameters, group.pieces)
-            ):
-                # Swapped already (a call inside a call) or replaced.
-                continue
-            values = group.gather()
-            for piece, value in zip(group.pieces, values):
-                piece.variable._value = value
-            swapped.append((group, parameters))
+        variables = [
+            v for v in self.variables_of.get(id(layer), ()) if self._sharded(v)
+        ]
+        if not variables:
+            return
+        values = self._values_for(id(layer))
+        if values is None:
+            return
+        for variable in variables:
+            swapped.append((variable, variable._value))
+            variable._value = values[id(variable)]
 
     def after_call(self):
         if not self.calls:
             return
-        for group, parameters in self.calls.pop():
-            for piece, parameter in zip(group.pieces, parameters):
-                piece.variable._value = parameter
+        for variable, parameter in self.calls.pop():
+            variable._value = parameter
+
+    def _sharded(self, variable):
+        """Whether `variable` holds its sharded value: not swapped already
+        (a call inside a call) nor replaced by another layout."""
+        value = variable._value
+        return value.grad_fn is None and (
+            tuple(value.placements) == self.placements[id(variable)]
+        )
+
+    def _values_for(self, member):
+        """The gathered values for a call of `member` (a layer's id): those
+        gathered for an earlier member's call if still good, else gathered
+        now; None if a variable of the unit cannot be gathered now."""
+        if (
+            self.gathered is None
+            or member not in self.waiting
+            or not self._in_same_pass()
+        ):
+            if not all(
+                self._sharded(piece.variable)
+                for group in self.groups
+                for piece in group.pieces
+            ):
+                return None
+            self.gathered = {}
+            for group in self.groups:
+                for piece, value in zip(group.pieces, group.gather()):
+                    self.gathered[id(piece.variable)] = value
+            self.waiting = set(self.variables_of)
+            context = _call_context()
+            self.gathered_in = (
+                None if context is None else weakref.ref(context),
+                torch.is_grad_enabled(),
+            )
+        values = self.gathered
+        self.waiting.discard(member)
+        if not self.waiting:
+            # Every member has had its call: free the values (backward
+            # keeps what it needs).
+            self.gathered = self.waiting = self.gathered_in = None
+        return values
+
+    def _in_same_pass(self):
+        """Whether this call is in the outermost call, and grad mode, that
+        the values were gathered in."""
+        context_ref, grad_enabled = self.gathered_in
+        context = _call_context()
+        return (
+            context is not None
+            and context_ref is not None
+            and context_ref() is context
+            and grad_enabled == torch.is_grad_enabled()
+        )
+
+
+def _call_context():
+    """Keras's context of the outermost layer call in progress (one per
+    forward pass of a model), or None. Referenced weakly: it is freed when
+    that call returns, so a dead reference means another pass."""
+    return global_state.get_global_attribute("current_call_ctx")
 
 
 def _is_symbolic(args, kwargs):
@@ -322,7 +398,7 @@ def _is_symbolic(args, kwargs):
 def _before_call(layer, args, kwargs):
     unit = _units.get(layer)
     if unit is not None:
-        unit.before_call(args, kwargs)
+        unit.before_call(layer, args, kwargs)
 
 
 @torch.compiler.disable
@@ -343,9 +419,9 @@ def _unit_layers(model):
             yield layer
 
 
-def _groups(layer, axis_of):
-    """A layer's FSDP-style trainable variables, grouped by collective."""
-    grouped = {}
+def _gathered_variables(layer, axis_of):
+    """A layer's FSDP-style trainable variables, each once."""
+    variables = []
     seen = set()
     for variable in layer.trainable_variables:
         value = variable._value
@@ -353,18 +429,53 @@ def _groups(layer, axis_of):
             continue
         seen.add(id(variable))
         axis = axis_of(value.device_mesh)
-        if axis is None or not _is_gathered_here(value, axis):
-            continue
+        if axis is not None and _is_gathered_here(value, axis):
+            variables.append((variable, axis))
+    return variables
+
+
+def _groups(variables):
+    """`(variable, axis)` pairs grouped by collective."""
+    grouped = {}
+    for variable, axis in variables:
+        value = variable._value
         key = (value.device_mesh, axis, value.dtype, value.device)
         grouped.setdefault(key, (axis, []))[1].append(variable)
     return [_Group(variables, axis) for axis, variables in grouped.values()]
 
 
+def _nbytes(variable):
+    value = variable._value
+    return value.numel() * value.element_size()
+
+
+# NOTE [small layers joined]: a collective on 2 CPU ranks costs about half
+# a millisecond however small (benchmarks/README.md), and a layer norm's
+# scale and offset are a few thousand elements: gathered alone, the 9 norms
+# and the position embedding of the 4-block LM were 20 of its 48
+# collectives a step. So consecutive unit layers (in the model's layer
+# order) are joined until their variables hold `_UNIT_BYTES`: a norm joins
+# the attention or `Dense` after it, as FSDP2 users wrap a block. The
+# first member called gathers for all; the others' calls use those values
+# (their own variables swapped in for their own calls only) within the
+# same outermost call (one forward pass of the model: Keras's call
+# context) and grad mode, unless the member is called again before the
+# rest (a shared layer): then it gathers anew, as a unit of one would.
+# Once every member has been called, the unit forgets the values (a member
+# that is not called leaves them held until the next gather); backward
+# keeps what it needs, and the gradients of all members are
+# reduce-scattered together. When a variable of the
+# unit cannot be gathered then (swapped by a call in progress, or given
+# another layout), the call uses its variables as they are, per use.
+_UNIT_BYTES = 2**20
+
+
 def install(model, batch_dim_name):
     """Gather the FSDP-style variables of each unit of `model` per call.
 
-    See NOTE [layer gathers]. Idempotent: a layer's hooks are registered
-    once, its groups recomputed each time (variables may have been added).
+    See NOTE [layer gathers] and NOTE [small layers joined]. Idempotent: a
+    layer's hooks are registered once, the units recomputed each time
+    (variables may have been added).
 
     Args:
         model: A built Keras model.
@@ -375,9 +486,23 @@ def install(model, batch_dim_name):
         names = mesh.mesh_dim_names or ()
         return names.index(batch_dim_name) if batch_dim_name in names else None
 
+    members, nbytes = [], 0
+
+    def close():
+        if not members:
+            return
+        unique = {id(v): (v, axis) for _, owned in members for v, axis in owned}
+        unit = _Unit(
+            _groups(list(unique.values())),
+            {id(layer): [v for v, _ in owned] for layer, owned in members},
+        )
+        for layer, _ in members:
+            _units[layer] = unit
+        members.clear()
+
     for layer in _unit_layers(model):
-        groups = _groups(layer, axis_of)
-        if not groups:
+        owned = _gathered_variables(layer, axis_of)
+        if not owned:
             _units.pop(layer, None)
             continue
         if layer not in _hooked:
@@ -386,4 +511,9 @@ def install(model, batch_dim_name):
             layer.register_forward_hook(
                 _after_call, with_kwargs=True, always_call=True
             )
-        _units[layer] = _Unit(groups)
+        members.append((layer, owned))
+        nbytes += sum(_nbytes(v) for v, _ in owned)
+        if nbytes >= _UNIT_BYTES:
+            close()
+            nbytes = 0
+    close()
