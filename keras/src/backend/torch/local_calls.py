@@ -390,8 +390,8 @@ def _replicated_values(variables, mesh):
 # with `__torch_function__` off: each read then skips promotion's handler
 # (NOTE [promotion] in `dtensor_promotion`), which cost 1.5-3.5 us a read
 # on a CPU. A `Dense` call on 4 local rows of 16 took 277 us with the
-# hooks, 239 us without those reads, and 100 us in one process. Where
-# compute is fast (a GPU), this per-call cost is what a step waits for.
+# hooks before, 239 us after, and 100 us in one process. Where compute is
+# fast (a GPU), this per-call cost is what a step waits for.
 
 
 def _before_call(layer, args, kwargs):
