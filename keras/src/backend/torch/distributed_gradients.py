@@ -262,6 +262,11 @@ def _start_filling():
 def _finish_backward():
     """At the end of backward: reduce every bucket still open, wait for all,
     and hand each parameter its reduced gradient."""
+    with torch_internals.torch_function_subclasses_disabled():
+        _finish_buckets()
+
+
+def _finish_buckets():
     _finish_queued_for[0] = None
     _start_filling()
     _verify[0] = False
@@ -295,7 +300,20 @@ def _drop_unfinished_backward():
     _filling.clear()
 
 
+# The bucket size of the backward pass under way (read once a pass).
+_bytes_this_pass = [None]
+
+
 def _on_gradient_ready(parameter):
+    # Runs once per parameter per backward pass, and touches no op that
+    # mixes plain tensors with DTensors: with `__torch_function__` off, its
+    # reads of `.grad`, `.placements` and `.shape` skip promotion's
+    # handler (NOTE [promotion] in `dtensor_promotion`).
+    with torch_internals.torch_function_subclasses_disabled():
+        _add_gradient(parameter)
+
+
+def _add_gradient(parameter):
     grad = parameter.grad
     key = _reduction_key(grad)
     if key is None:
@@ -305,14 +323,15 @@ def _on_gradient_ready(parameter):
         if _finish_queued_for[0] is not None:
             _drop_unfinished_backward()
         _finish_queued_for[0] = task
+        _bytes_this_pass[0] = _bucket_bytes()
         torch_internals.run_at_end_of_backward(_finish_backward)
-    if _nbytes(grad) >= _bucket_bytes():
+    if _nbytes(grad) >= _bytes_this_pass[0]:
         bucket = _Bucket(key).add(grad, parameter)
         _in_flight.append(bucket.start(async_op=True, in_place=True))
         return
     bucket = _filling.setdefault(key, _Bucket(key))
     bucket.add(grad, parameter)
-    if bucket.nbytes >= _bucket_bytes():
+    if bucket.nbytes >= _bytes_this_pass[0]:
         del _filling[key]
         _in_flight.append(bucket.start(async_op=True))
 

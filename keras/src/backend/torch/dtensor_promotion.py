@@ -321,9 +321,13 @@ def _dispatch(func, args, kwargs):
     in `dtensor_rules` if it has one, and its result is settled (NOTE
     [partial results], NOTE [scalar results]).
     """
-    if getattr(func, "__name__", None) == "__get__":
-        # Attribute reads (`.grad`, `.dtype`): nothing to promote or
-        # settle, and the most frequent call by far.
+    name = getattr(func, "__name__", None)
+    if name == "__get__" or (
+        name == "__set__" and (args[1] is None or isinstance(args[1], DTensor))
+    ):
+        # Attribute reads (`.grad`, `.dtype`), the most frequent call by
+        # far, and writes of no plain tensor (`zero_grad`'s `.grad = None`):
+        # nothing to promote or settle.
         return func(*args, **kwargs)
     mesh, promote = _scan(args, kwargs)
     if mesh is None:
