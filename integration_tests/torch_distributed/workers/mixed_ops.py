@@ -92,6 +92,47 @@ def _check_promotion_mechanism(x, kernel):
     finally:
         dtensor_promotion._dispatch = dispatch
         dtensor_rules.run_replicated = run_replicated
+    _check_gradient_writes(kernel)
+
+
+def _check_gradient_writes(kernel):
+    """`.grad` writes: None and DTensors go straight through the handler
+    (`zero_grad` writes None for every parameter, every step); a plain
+    tensor is still promoted to a replicated DTensor."""
+    from torch.distributed.tensor import DTensor
+
+    from keras.src.backend.torch import dtensor_promotion
+
+    scans = []
+    scan = dtensor_promotion._scan
+
+    def counting_scan(*args):
+        scans.append(1)
+        return scan(*args)
+
+    parameter = kernel.value
+    dtensor_promotion._scan = counting_scan
+    try:
+        parameter.grad = None
+        assert parameter.grad is None
+        grad = parameter.detach() * 2.0
+        scans.clear()
+        parameter.grad = grad
+        assert parameter.grad is grad, type(parameter.grad)
+        parameter.grad = None
+        assert parameter.grad is None
+        assert not scans, f"{len(scans)} scans for None and DTensor writes"
+        parameter.grad = torch.ones(tuple(parameter.shape))
+        assert scans, "a plain tensor written to .grad was not promoted"
+        written = parameter.grad
+        assert isinstance(written, DTensor), type(written)
+        assert all(p.is_replicate() for p in written.placements), written
+        np.testing.assert_array_equal(
+            written.full_tensor().numpy(), np.ones(tuple(parameter.shape))
+        )
+    finally:
+        dtensor_promotion._scan = scan
+        parameter.grad = None
 
 
 def main():
