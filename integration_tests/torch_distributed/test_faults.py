@@ -101,9 +101,13 @@ def test_failed_rank_ends_torchrun_job(tmp_path, fault):
     assert "finished training" not in output, output
     # The summary names rank 1 and how it ended. Rank 0, stopped by
     # torchrun (SIGTERM) or failing on the closed connection, may come
-    # first: both are seen within one poll of the agent.
+    # first: both are seen within one poll of the agent. On a loaded
+    # machine rank 0 can fail on the closed connection while rank 1 is
+    # still exiting after its error; torchrun then stops rank 1 with
+    # SIGTERM (-15), and its traceback below says why it ended.
     failures = _failures(output)
-    assert failures.get(1) == {"raise": 1, "kill": -9}[fault], output
+    expected = {"raise": (1, -15), "kill": (-9,)}[fault]
+    assert failures.get(1) in expected, output
     if fault == "raise":
         assert f"[rank1]: RuntimeError: {MESSAGE}" in output, output
     else:
