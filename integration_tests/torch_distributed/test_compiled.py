@@ -52,9 +52,14 @@ def _assert_compiled_once(results, who):
     assert after_step.shape == (STEPS, 2), (who, after_step)
     settled = after_step[COMPILING_STEPS - 1]
     # Graphs compiled, and frames dynamo was asked to compile (a recompile
-    # counts one), after each step.
+    # counts one), after each step. No graph may be compiled after step 4.
+    # Frames: one stray frame with no graph is let pass. A CI run (8
+    # December, FSDP-style layouts, rank 0) once counted one at step 6 and
+    # none after; two reruns counted none. A step that recompiles adds a
+    # frame at every step, 5 here.
     for step in range(COMPILING_STEPS, STEPS):
-        assert tuple(after_step[step]) == tuple(settled), (
+        graphs, frames = after_step[step]
+        assert graphs == settled[0] and frames - settled[1] <= 1, (
             f"{who}: step {step + 1} compiled again: {after_step.tolist()}"
         )
     hits = list(results["recompile_limit_hits"])
